@@ -52,8 +52,11 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self.frequencies(), persistent=False)
+
+    def frequencies(self) -> torch.Tensor:
+        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,6 +269,8 @@ def init_trm_weights(module: nn.Module, std: float | None = None) -> None:
             init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         trunc_normal_(module.weight, std=std or 1.0 / math.sqrt(module.embedding_dim))
+    elif isinstance(module, RotaryEmbedding):  # not saved: recomputed after from_pretrained's meta-device init
+        init.copy_(module.inv_freq, module.frequencies())
     elif isinstance(module, TRMCore):
         trunc_normal_(module.y_init, std=1.0)
         trunc_normal_(module.z_init, std=1.0)

@@ -17,10 +17,12 @@ Relative imports only: this file and its siblings are copied next to saved weigh
 """
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
@@ -59,6 +61,25 @@ class TRMPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         init_trm_weights(module, self.config.initializer_range)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Safetensors only: pickle checkpoints can run arbitrary code when loaded, so they are refused."""
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("trm-lm loads safetensors checkpoints only (use_safetensors=False is not supported)")
+        kwargs["use_safetensors"] = True
+        where = os.fspath(pretrained_model_name_or_path)
+        if os.path.isdir(where):
+            files = os.listdir(where)
+            pickles = sorted(f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")))
+            if pickles and not any(f.endswith(".safetensors") for f in files):
+                raise ValueError(f"{where} holds only pickle checkpoint(s) {pickles}; trm-lm loads safetensors only "
+                                 "(pickle can execute code). Convert with model.save_pretrained() in a trusted "
+                                 "environment.")
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            raise ValueError(f"{where}: the safetensors checkpoint is corrupt or truncated ({error})") from error
 
 
 class TRMModel(TRMPreTrainedModel):

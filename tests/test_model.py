@@ -1,0 +1,359 @@
+"""TRMForCausalLM: config validation, causality, recursion/gradient structure, KV cache, ACT, save/load."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+
+from trm_lm import TRMConfig, TRMForCausalLM
+from trm_lm.core import TRMBlock
+
+
+def tiny_config(**overrides) -> TRMConfig:
+    values = dict(vocab_size=61, hidden_size=32, num_attention_heads=2, net_layers=2, latent_steps=2, cycles=2,
+                  supervision_steps=2, max_position_embeddings=160, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    values.update(overrides)
+    return TRMConfig(**values)
+
+
+def tiny_model(seed=0, **overrides) -> TRMForCausalLM:
+    torch.manual_seed(seed)
+    return TRMForCausalLM(tiny_config(**overrides)).eval()
+
+
+def make_halting_mixed(model, seed=1):
+    """A halt head that halts some positions early and not others (a stand-in for a trained head)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head = model.model.core.halt_head
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 2.0)
+        head.bias.fill_(0.0)
+
+
+# ----- config ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(hidden_size=30, num_attention_heads=4), "divisible"),
+    (dict(latent_steps=0), "latent_steps"),
+    (dict(supervision_steps=0), "supervision_steps"),
+    (dict(cycles=-1), "cycles"),
+    (dict(net_layers=1.5), "net_layers"),
+    (dict(norm_position="middle"), "norm_position"),
+    (dict(input_injection="multiply"), "input_injection"),
+    (dict(halt_threshold=1.5), "halt_threshold"),
+    (dict(mixer="mlp", causal=True, sequence_length=8), "cannot be causal"),
+    (dict(mixer="mlp", causal=False), "sequence_length"),
+])
+def test_bad_configs_raise_clear_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_num_hidden_layers_counts_virtual_layers():
+    cfg = tiny_config(net_layers=2, latent_steps=3, cycles=2, supervision_steps=4)
+    assert cfg.num_hidden_layers == 4 * 2 * (3 + 1) * 2
+    cfg.save_pretrained  # noqa: B018 - attribute exists
+    reloaded = TRMConfig.from_dict({**cfg.to_dict(), "num_hidden_layers": 1})
+    assert reloaded.num_hidden_layers == cfg.num_hidden_layers  # derived, never trusted from disk
+
+
+def test_causal_model_rejects_non_causal_config():
+    with pytest.raises(ValueError, match="causal"):
+        TRMForCausalLM(tiny_config(causal=False))
+
+
+def test_out_of_range_tokens_and_too_long_inputs_are_rejected():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="input_ids"):
+        model(torch.tensor([[1, 2, 61]]))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(torch.ones(1, 161, dtype=torch.long))
+    with pytest.raises(ValueError, match="supervision_steps"):
+        model(torch.ones(1, 4, dtype=torch.long), supervision_steps=3)
+
+
+# ----- causality and recursion structure ---------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [{}, dict(input_injection="concat"), dict(norm_position="pre")])
+def test_future_tokens_do_not_change_past_logits(overrides):
+    model = tiny_model(**overrides)
+    ids = torch.randint(1, 61, (2, 12))
+    changed = ids.clone()
+    changed[:, 8:] = torch.randint(1, 61, (2, 4))
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :8], b[:, :8])
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_gradient_flows_only_through_the_last_cycle():
+    cfg = dict(net_layers=2, latent_steps=3, cycles=3, supervision_steps=2)
+    model = tiny_model(**cfg).train()
+    calls = {"grad": 0, "no_grad": 0}
+
+    def count(module, args, output):
+        calls["grad" if output.requires_grad else "no_grad"] += 1
+
+    for block in model.model.core.blocks:
+        block.register_forward_hook(count)
+    ids = torch.randint(1, 61, (2, 10))
+    model(ids, labels=ids).loss.backward()
+    per_cycle = (3 + 1) * 2  # (n + 1) net applications x blocks
+    assert calls["grad"] == 2 * per_cycle  # one cycle with grad per supervision step
+    assert calls["no_grad"] == 2 * (3 - 1) * per_cycle  # the other T-1 cycles
+    assert all(p.grad is not None for n, p in model.named_parameters() if "halt_head" not in n)
+
+
+def test_deep_supervision_carry_is_detached_and_loss_is_step_mean():
+    model = tiny_model(supervision_steps=3).train()
+    ids = torch.randint(1, 61, (2, 10))
+    out = model(ids, labels=ids)
+    assert out.step_losses.shape == (3,)
+    torch.testing.assert_close(out.loss.detach(), out.step_losses.mean())
+    # the final logits are those of the last step: equal to an inference forward with all steps
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, out.logits.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_halt_target_is_per_token():
+    model = tiny_model(halt_loss_weight=1.0).train()
+    ids = torch.randint(1, 61, (1, 6))
+    out = model(ids, labels=ids)
+    halt_logits = torch.zeros(1, 6, requires_grad=True)
+    logits = out.logits.detach()
+    # make exactly position 0's prediction correct
+    labels = ids.clone()
+    labels[0, 1] = int(logits[0, 0].argmax())
+    labels[0, 2:] = (logits[0, 1:5].argmax(-1) + 1) % 61
+    loss = model._step_loss(logits, halt_logits, labels, None) - model.loss_function(
+        logits=logits, labels=labels, vocab_size=61)
+    loss.backward()
+    grad = halt_logits.grad[0, :5]
+    assert grad[0] < 0 and (grad[1:] > 0).all()  # pushes up only where the token is right
+
+
+def test_overfits_one_batch():
+    model = tiny_model(supervision_steps=2).train()
+    ids = torch.randint(1, 61, (4, 16))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        loss = model(ids, labels=ids).loss
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.5 * first
+
+
+# ----- KV cache -----------------------------------------------------------------------------------------
+
+CACHE_CONFIGS = [
+    dict(supervision_steps=1, cycles=1, latent_steps=1),
+    dict(supervision_steps=3, cycles=2, latent_steps=2),
+    dict(supervision_steps=2, cycles=3, latent_steps=1, input_injection="concat"),
+    dict(supervision_steps=2, cycles=2, latent_steps=2, norm_position="pre", position_encoding="learned"),
+]
+
+
+@pytest.mark.parametrize("overrides", CACHE_CONFIGS)
+def test_cached_and_uncached_greedy_generation_agree(overrides):
+    model = tiny_model(**overrides)
+    prompt = torch.randint(1, 61, (1, 7))
+    kwargs = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False)
+    cached = model.generate(prompt, use_cache=True, **kwargs)
+    uncached = model.generate(prompt, use_cache=False, **kwargs)
+    assert cached.shape[1] == 7 + 64
+    assert torch.equal(cached, uncached)
+
+
+def test_cache_slots_are_virtual_layers():
+    model = tiny_model(supervision_steps=3, cycles=2, latent_steps=2)
+    out = model(torch.randint(1, 61, (1, 5)), use_cache=True)
+    assert len(out.past_key_values.layers) == model.config.num_hidden_layers == 3 * 2 * 3 * 2
+    assert all(layer.keys.shape[2] == 5 for layer in out.past_key_values.layers)
+
+
+def test_batched_left_padded_generation_matches_single_prompts():
+    model = tiny_model()
+    a, b = torch.randint(1, 61, (1, 6)), torch.randint(1, 61, (1, 3))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    together = model.generate(batch, attention_mask=mask, **kwargs)
+    assert torch.equal(together[0, 6:], model.generate(a, **kwargs)[0, 6:])
+    assert torch.equal(together[1, 6:], model.generate(b, **kwargs)[0, 3:])
+
+
+# ----- ACT / per-token early exit ----------------------------------------------------------------------
+
+def test_forced_halt_equals_one_supervision_step_and_saves_net_applications():
+    model = tiny_model(supervision_steps=3)
+    ids = torch.randint(1, 61, (1, 10))
+    with torch.no_grad():
+        model.model.core.halt_head.bias.fill_(20.0)  # P(halt) ~ 1 everywhere
+        halted = model(ids, halt_threshold=0.5)
+        one_step = model(ids, supervision_steps=1)
+        full = model(ids)
+    assert (halted.steps_used == 1).all() and (full.steps_used == 3).all()
+    torch.testing.assert_close(halted.logits, one_step.logits)
+    calls = []
+    hook = model.model.core.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    prompt = torch.randint(1, 61, (1, 4))
+    model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False, halt_threshold=0.5)
+    with_act = len(calls)
+    calls.clear()
+    model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False, halt_threshold=None)
+    hook.remove()
+    assert with_act * 3 == len(calls)  # one supervision step instead of three
+
+
+@pytest.mark.parametrize("overrides", [dict(supervision_steps=3), dict(supervision_steps=4, cycles=1, latent_steps=1)])
+def test_act_incremental_decoding_matches_full_sequence_reference(overrides):
+    """Semantics: a halted token is frozen and its K/V for skipped steps are copies of its last computed step.
+
+    Reference: one uncached forward over the whole sequence. Under test: token-by-token with the cache,
+    where a halted single token skips the network entirely and only copies K/V.
+    """
+    model = tiny_model(**overrides)
+    make_halting_mixed(model)
+    ids = torch.randint(1, 61, (1, 40))
+    with torch.no_grad():
+        reference = model(ids, use_cache=False, halt_threshold=0.5)
+        cache = DynamicCache(config=model.config)
+        pieces, steps = [], []
+        for t in range(ids.shape[1]):
+            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True, halt_threshold=0.5)
+            pieces.append(out.logits)
+            steps.append(out.steps_used)
+    used = reference.steps_used
+    assert used.min() < overrides["supervision_steps"] and used.max() > 1  # halting really is mixed
+    assert torch.equal(torch.cat(steps, 1), used)
+    torch.testing.assert_close(torch.cat(pieces, 1), reference.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_act_generation_cached_equals_uncached_and_halted_state_is_frozen():
+    model = tiny_model(supervision_steps=3)
+    make_halting_mixed(model)
+    prompt = torch.randint(1, 61, (1, 5))
+    kwargs = dict(max_new_tokens=48, min_new_tokens=48, do_sample=False, halt_threshold=0.5)
+    cached = model.generate(prompt, use_cache=True, **kwargs)
+    assert torch.equal(cached, model.generate(prompt, use_cache=False, **kwargs))
+    with torch.no_grad():
+        out = model(cached, halt_threshold=0.5, output_step_topk=2)
+    # a position that halted after step s predicts the same thing at every later step
+    for b, t in zip(*torch.nonzero(out.steps_used < 3, as_tuple=True)):
+        s = int(out.steps_used[b, t])
+        for later in range(s, 3):
+            assert torch.equal(out.step_top_ids[later, b, t], out.step_top_ids[s - 1, b, t])
+
+
+def test_halt_threshold_validation():
+    model = tiny_model()
+    ids = torch.ones(1, 3, dtype=torch.long)
+    for bad in (0.0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="halt_threshold"):
+            model(ids, halt_threshold=bad)
+    model.train()
+    with pytest.raises(ValueError, match="inference"):
+        model(ids, labels=ids, halt_threshold=0.5)
+
+
+def test_inspect_reports_steps_and_per_step_predictions():
+    model = tiny_model(supervision_steps=3)
+    make_halting_mixed(model)
+    prompt = torch.randint(1, 61, (1, 5))
+    records = model.inspect(prompt, top_k=2, halt_threshold=0.5, max_new_tokens=10, min_new_tokens=10,
+                            do_sample=False)
+    generated = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, halt_threshold=0.5)
+    assert [r["token_id"] for r in records] == generated[0, 5:].tolist()
+    for r in records:
+        assert 1 <= r["steps_used"] <= 3 and len(r["step_predictions"]) == r["steps_used"]
+        assert r["step_predictions"][-1]["top_ids"][0] == r["token_id"]  # greedy: last step's argmax
+    assert len({r["steps_used"] for r in records}) >= 1
+
+
+# ----- save / load --------------------------------------------------------------------------------------
+
+def test_save_load_round_trip_identical_logits(tmp_path):
+    model = tiny_model(supervision_steps=2, input_injection="concat")
+    model.save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    assert {"model.safetensors", "config.json", "modeling_trm.py", "configuration_trm.py", "core.py"} <= files
+    assert json.loads((tmp_path / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == \
+        "modeling_trm.TRMForCausalLM"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, TRMForCausalLM)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    ids = torch.randint(1, 61, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert AutoConfig.from_pretrained(tmp_path).num_hidden_layers == model.config.num_hidden_layers
+
+
+def test_trust_remote_code_load_in_clean_process(tmp_path):
+    model = tiny_model(supervision_steps=2)
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    ids = torch.randint(1, 61, (1, 8))
+    with torch.no_grad():
+        expected = model(ids).logits
+    torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
+    script = textwrap.dedent(f"""
+        import importlib.util, sys, torch
+        assert importlib.util.find_spec("trm_lm") is None, "trm_lm must not be importable here"
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        data = torch.load({str(tmp_path / "expected.pt")!r})
+        with torch.no_grad():
+            torch.testing.assert_close(model(data["ids"]).logits, data["logits"], rtol=0, atol=0)
+        out = model.generate(data["ids"], max_new_tokens=8, do_sample=False)
+        assert out.shape[1] == 16
+        print("REMOTE-OK")
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    # -I: isolated mode, neither the cwd nor PYTHONPATH is on sys.path; run from tmp so the repo is invisible
+    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_pickle_only_and_corrupt_checkpoints_give_clear_errors(tmp_path):
+    model = tiny_model()
+    good = tmp_path / "good"
+    model.save_pretrained(good)
+    pickle_dir = tmp_path / "pickle"
+    pickle_dir.mkdir()
+    (pickle_dir / "config.json").write_text((good / "config.json").read_text())
+    torch.save(model.state_dict(), pickle_dir / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="safetensors only"):
+        AutoModelForCausalLM.from_pretrained(pickle_dir)
+    with pytest.raises(ValueError, match="safetensors"):
+        TRMForCausalLM.from_pretrained(good, use_safetensors=False)
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for name in os.listdir(good):
+        (truncated / name).write_bytes((good / name).read_bytes())
+    data = (good / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        AutoModelForCausalLM.from_pretrained(truncated)
+
+
+def test_bf16_load_runs():
+    model = tiny_model()
+    with torch.no_grad():
+        reference = model(torch.randint(1, 61, (1, 6))).logits
+    half = model.to(torch.bfloat16)
+    with torch.no_grad():
+        logits = half(torch.randint(1, 61, (1, 6))).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all() and reference.shape == logits.shape
