@@ -1,0 +1,109 @@
+"""Decode speed of TRMForCausalLM: KV cache on/off at 128/512 new tokens, and ACT on/off.
+
+    python benchmarks/decode.py                       # shipped model if present, else a random tiny-stories-size model
+    python benchmarks/decode.py --model DIR --new_tokens 128 512 --halt_thresholds 0.5 0.9
+
+Writes benchmarks/results/decode.json and decode.md. Greedy decoding with min_new_tokens = max_new_tokens,
+so every row decodes exactly the same number of tokens. 'net applications / token' counts the network
+applications of every position of the decoded sequence (prompt included), from `steps_used`.
+"""
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from trm_lm import TRMConfig, TRMForCausalLM  # noqa: E402
+
+SHIPPED = REPO / "checkpoints" / "trm-tinystories-small"
+
+
+def load_model(path: str | None) -> tuple[TRMForCausalLM, str]:
+    source = Path(path) if path else SHIPPED
+    if source.is_dir():
+        return TRMForCausalLM.from_pretrained(source).eval(), str(source.relative_to(REPO) if source.is_relative_to(REPO)
+                                                                   else source)
+    torch.manual_seed(0)
+    config = TRMConfig(vocab_size=4096, hidden_size=256, num_attention_heads=4, net_layers=2, latent_steps=2, cycles=2,
+                       supervision_steps=2, max_position_embeddings=1024)
+    return TRMForCausalLM(config).eval(), "random init (default TRMConfig, vocab 4096)"
+
+
+def timed_generate(model, prompt, new_tokens, **kwargs) -> tuple[float, torch.Tensor]:
+    start = time.perf_counter()
+    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=0, **kwargs)
+    return time.perf_counter() - start, out
+
+
+@torch.no_grad()
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model dir (default: the shipped model, else random init)")
+    parser.add_argument("--new_tokens", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--halt_thresholds", type=float, nargs="*", default=[0.5, 0.9])
+    parser.add_argument("--uncached_max", type=int, default=512, help="skip uncached runs longer than this")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "decode"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, source = load_model(args.model)
+    cfg = model.config
+    per_step = cfg.cycles * (cfg.latent_steps + 1)
+    prompt = torch.randint(2, cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    timed_generate(model, prompt, 4)  # warm-up
+
+    rows = []
+    for n in args.new_tokens:
+        cached_s, cached = timed_generate(model, prompt, n, use_cache=True, halt_threshold=None)
+        row = {"new_tokens": n, "cached_tokens_per_s": n / cached_s, "cached_seconds": cached_s}
+        if n <= args.uncached_max:
+            uncached_s, uncached = timed_generate(model, prompt, n, use_cache=False, halt_threshold=None)
+            row.update(uncached_tokens_per_s=n / uncached_s, uncached_seconds=uncached_s,
+                       speedup=uncached_s / cached_s, identical=bool(torch.equal(cached, uncached)))
+        rows.append(row)
+
+    act_rows = []
+    n = min(args.new_tokens)
+    for threshold in [None, *args.halt_thresholds]:
+        seconds, out = timed_generate(model, prompt, n, use_cache=True, halt_threshold=threshold)
+        steps = model(out, use_cache=False, halt_threshold=threshold).steps_used.float()
+        act_rows.append({"halt_threshold": threshold, "new_tokens": n, "tokens_per_s": n / seconds,
+                         "mean_supervision_steps": steps.mean().item(),
+                         "net_applications_per_token": steps.mean().item() * per_step,
+                         "max_net_applications_per_token": cfg.net_applications})
+
+    result = {"model": source, "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "machine": platform.processor() or platform.machine(),
+              "config": {k: getattr(cfg, k) for k in ("hidden_size", "net_layers", "latent_steps", "cycles",
+                                                       "supervision_steps", "num_hidden_layers")},
+              "cache": rows, "act": act_rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    lines = [f"# Decode benchmark ({source}; CPU, {result['threads']} threads, torch {torch.__version__})", "",
+             "| new tokens | cached tok/s | uncached tok/s | speed-up | identical tokens |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['new_tokens']} | {r['cached_tokens_per_s']:.1f} | "
+                     f"{r.get('uncached_tokens_per_s', float('nan')):.1f} | {r.get('speedup', float('nan')):.1f}x | "
+                     f"{r.get('identical', '-')} |")
+    lines += ["", "| halt threshold | tok/s (cached) | mean supervision steps | net applications / token (max) |",
+              "|---|---|---|---|"]
+    for r in act_rows:
+        lines.append(f"| {r['halt_threshold'] if r['halt_threshold'] is not None else 'off'} | {r['tokens_per_s']:.1f} "
+                     f"| {r['mean_supervision_steps']:.2f} | {r['net_applications_per_token']:.2f} "
+                     f"({r['max_net_applications_per_token']}) |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
