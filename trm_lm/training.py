@@ -1,0 +1,635 @@
+"""The one Accelerate training loop of trm-lm, shared by text (train/train_lm.py) and grids (train/train_puzzles.py).
+
+A small *task* object says WHAT to train (model, data, loss, evaluation, extra files to save); this module
+says HOW: mixed precision, gradient accumulation, AdamW + warmup/cosine schedule, gradient clipping, an EMA
+of the weights, periodic evaluation, atomic checkpoints with exact resume, logging and DDP.
+
+    args, = parse_args([TrainingArguments])            # flags + `--config file.yaml`
+    result = run_training(args, MyTask(...))             # MyTask subclasses TrainingTask
+
+Checkpoints (`--checkpointing_steps N`) live in `output_dir/checkpoints/step_<N>/`: `accelerator.save_state`
+files (weights, optimizer, scheduler, RNG states of every rank, EMA and task state), `training_state.json`
+(step, epoch, micro-batches consumed in that epoch) and, written last, `checkpoint_complete.json`, a manifest
+of every file and its size. A checkpoint is first written to `checkpoints/.tmp-step_<N>` and renamed into
+place, so a crash never leaves a half-written `step_<N>`. Resuming (`--resume_from_checkpoint latest|PATH`)
+restores all of it and skips the consumed micro-batches of the seeded sampler, so the run continues exactly
+as if it had never stopped (same batches, same dropout masks, same losses).
+
+Gradient accumulation averages the micro-batch losses (accelerate divides each by the number of
+micro-batches). That equals the token-weighted mean because packed text blocks and fixed-size grids
+have the same number of targets in every micro-batch (bar a smaller last batch of an epoch), so the loop
+does not pass `num_items_in_batch`.
+A map-style dataset is reshuffled every epoch; an iterable (streaming) one is read in its own order.
+
+Outputs in `output_dir`: `log.jsonl` (one JSON object per logging step / evaluation), TensorBoard events in
+`runs/` when tensorboard is installed, `results.json`, and the final model (`save_pretrained` of the EMA
+weights when `--ema_decay > 0`, else the raw weights) plus whatever the task adds (tokenizer, model card).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import re
+import shlex
+import shutil
+import sys
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from accelerate import Accelerator, PartialState
+from accelerate.utils import (DataLoaderConfiguration, ProjectConfiguration, is_tensorboard_available,
+                              parse_flag_from_env, set_seed)
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, default_data_collator, get_scheduler
+
+from .model_card import render_model_card
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_PREFIX = "step_"
+TMP_CHECKPOINT_PREFIX = ".tmp-step_"
+CHECKPOINT_MARKER = "checkpoint_complete.json"  # written last: its presence means the checkpoint is whole
+TRAINING_STATE = "training_state.json"
+LOG_FILE = "log.jsonl"
+RESULTS_FILE = "results.json"
+# What `accelerator.save_state` always writes for one model + optimizer + scheduler on rank 0.
+REQUIRED_CHECKPOINT_FILES = ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", TRAINING_STATE)
+MODEL_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+# ----------------------------------------------------------------------------------------------------
+# arguments
+
+
+@dataclass
+class TrainingArguments:
+    """Flags common to every training script (names follow transformers' run_clm_no_trainer.py)."""
+
+    output_dir: str | None = field(default=None, metadata={"help": "Where checkpoints, logs and the final model go."})
+    max_train_steps: int | None = field(
+        default=None, metadata={"help": "Optimizer steps to run; overrides num_train_epochs when set."})
+    num_train_epochs: int = field(
+        default=1, metadata={"help": "Passes over the training data (if no max_train_steps)."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Micro-batch size per process."})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Evaluation batch size per process."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (after warmup)."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay, applied to matrices only (ndim >= 2)."})
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    lr_scheduler_type: str = field(
+        default="cosine",
+        metadata={"help": "transformers.get_scheduler name: cosine, linear, constant_with_warmup, ..."})
+    num_warmup_steps: int = field(default=0, metadata={"help": "Linear warmup, in optimizer steps."})
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Clip the global gradient norm to this; 0 = no clipping."})
+    seed: int = field(default=0, metadata={"help": "Seeds the model init, the data order and dropout."})
+    mixed_precision: Literal["no", "bf16", "fp16"] = field(
+        default="no", metadata={"help": "bf16 on Ampere+/H100 and CPU; fp16 only on CUDA (it is a no-op on CPU)."})
+    checkpointing_steps: int | None = field(
+        default=None, metadata={"help": "Save a resumable checkpoint every N optimizer steps."})
+    checkpoints_total_limit: int | None = field(
+        default=None, metadata={"help": "Keep only the newest N checkpoints (None = keep all)."})
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "'latest' (newest complete checkpoint in output_dir, or a fresh start if there is none) "
+                          "or the path of a checkpoint directory."})
+    eval_steps: int | None = field(
+        default=None, metadata={"help": "Evaluate every N optimizer steps (always once at the end)."})
+    logging_steps: int = field(default=10, metadata={"help": "Write a log line every N optimizer steps."})
+    ema_decay: float = field(
+        default=0.0,
+        metadata={"help": "EMA of the weights (e.g. 0.999), used for evaluation and the saved model; 0 = off."})
+    report_to: str = field(
+        default="auto",
+        metadata={"help": "Tracker for accelerate: 'auto' (tensorboard if installed), 'none', or a tracker name."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    cpu: bool = field(default=False, metadata={"help": "Train on CPU even if an accelerator is present."})
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise ValueError("output_dir is required (give --output_dir or set it in the --config file)")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "num_train_epochs", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "eval_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1 (or unset), got {value}")
+        if self.num_warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise ValueError("--num_warmup_steps, --max_grad_norm and --weight_decay must be >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"--mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+
+
+def load_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a flat YAML file of flag values. `base: other.yaml` (relative to this file) is read first and
+    overridden by this file's values, so a variant config only lists what it changes."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of flag names to values, got {type(values).__name__}")
+    base = values.pop("base", None)
+    if base is not None:
+        values = {**load_config(path.parent / base), **values}
+    return values
+
+
+def parse_args(dataclass_types: list[type], argv: list[str] | None = None) -> tuple:
+    """Parse command-line flags into instances of `dataclass_types` (HfArgumentParser).
+
+    `--config file.yaml` supplies defaults; flags given explicitly on the command line override them.
+    Unknown keys in the YAML file raise a ValueError naming them.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+
+    parser = HfArgumentParser(dataclass_types)
+    parser.add_argument("--config", help="YAML file of flag values; flags on the command line override it")
+    if known.config:
+        values = load_config(known.config)
+        names = {f.name for dtype in dataclass_types for f in fields(dtype)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"{known.config}: unknown keys {unknown}; valid keys are the script's flags")
+        parser.set_defaults(**values)
+    outputs = parser.parse_args_into_dataclasses(args=argv)
+    return tuple(outputs[: len(dataclass_types)])  # drop the namespace holding --config
+
+
+# ----------------------------------------------------------------------------------------------------
+# the task interface
+
+
+class TrainingTask(ABC):
+    """What the loop needs from a task. Subclass it and override what differs; the defaults fit any
+    transformers model whose batches are dicts of tensors and whose forward returns `.loss`.
+
+    Required: a `train_dataset` attribute (a map-style or iterable torch Dataset) and `build_model()`.
+    Optional: `state_dict()` + `load_state_dict(state)` for persistent task state (e.g. the puzzles' carry);
+    when both exist they are checkpointed and restored with everything else.
+    """
+
+    train_dataset = None
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """Return a freshly initialised model (called after the seed is set, on every process)."""
+
+    def collate(self, examples: list) -> dict[str, torch.Tensor]:
+        return default_data_collator(examples)
+
+    def compute_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scalar training loss of one micro-batch (mean over its tokens / items)."""
+        return model(**batch).loss
+
+    def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Tokens (or cells) in a micro-batch, for the tokens/s throughput figure."""
+        first = batch["input_ids"] if "input_ids" in batch else next(iter(batch.values()))
+        return first.numel()
+
+    def parameter_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
+        return parameter_groups(model, weight_decay)
+
+    def evaluate(self, model: nn.Module, accelerator: Accelerator) -> dict[str, float]:
+        """Metrics of `model` (the EMA copy when EMA is on). Runs on every process, under no_grad and
+        with the RNG state restored afterwards, so evaluating never changes the training trajectory."""
+        return {}
+
+    def save_final(self, model: nn.Module, output_dir: Path, metrics: dict, run_info: dict) -> None:
+        """Files written next to the saved weights, on the main process only. Default: a model card."""
+        render_model_card(model_name=output_dir.name, metrics=metrics, run_info=run_info).save(output_dir / "README.md")
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay every matrix (ndim >= 2: linear weights and the tied embedding / LM head, as in
+    nanoGPT), never vectors (norm scales, biases, halting-head bias). Shared (tied) tensors appear once."""
+    decay, no_decay = [], []
+    for param in model.parameters():  # parameters() de-duplicates tied weights
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
+    return int(match.group(1)) if match else None
+
+
+def validate_checkpoint(path: str | os.PathLike) -> dict:
+    """Check that `path` is a complete checkpoint and return its training state.
+
+    Raises ValueError naming the directory and what is wrong: no directory, no completion marker
+    (interrupted while saving), a file listed in the marker missing or of the wrong size (truncated),
+    or unreadable JSON.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {path} does not exist or is not a directory")
+    marker = path / CHECKPOINT_MARKER
+    if not marker.is_file():
+        raise ValueError(f"checkpoint {path} is incomplete: no {CHECKPOINT_MARKER} (the save was interrupted)")
+    try:
+        manifest = json.loads(marker.read_text())
+        expected = dict(manifest["files"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"checkpoint {path}: {CHECKPOINT_MARKER} is unreadable ({err})") from None
+    problems = []
+    for name in REQUIRED_CHECKPOINT_FILES:
+        if name not in expected:
+            problems.append(f"{name} not in manifest")
+    if not any(name in expected for name in MODEL_WEIGHT_FILES):
+        problems.append(f"no model weights ({' or '.join(MODEL_WEIGHT_FILES)})")
+    for name, size in expected.items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name} is missing")
+        elif file.stat().st_size != size:
+            problems.append(f"{name} has {file.stat().st_size} bytes, expected {size} (truncated or modified)")
+    if problems:
+        raise ValueError(f"checkpoint {path} is corrupt: " + "; ".join(problems))
+    try:
+        state = json.loads((path / TRAINING_STATE).read_text())
+        int(state["step"]), int(state["epoch"]), int(state["micro_batches_in_epoch"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"checkpoint {path}: {TRAINING_STATE} is unreadable ({err!r})") from None
+    return state
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """`step_<N>` directories under output_dir/checkpoints, oldest first (complete or not)."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _checkpoint_step(p) is not None]
+    return sorted(found, key=_checkpoint_step)
+
+
+def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """Newest complete checkpoint in output_dir; corrupt or partial ones are skipped with a warning."""
+    for path in reversed(list_checkpoints(output_dir)):
+        try:
+            validate_checkpoint(path)
+            return path
+        except ValueError as err:
+            logger.warning("skipping %s", err)
+    return None
+
+
+def resolve_checkpoint(output_dir: str | os.PathLike, resume_from_checkpoint: str | None) -> Path | None:
+    """The checkpoint to resume from: None (fresh start), the newest complete one for 'latest', or the
+    given path, which must be a complete checkpoint (ValueError otherwise)."""
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint == "latest":
+        return find_latest_checkpoint(output_dir)
+    validate_checkpoint(resume_from_checkpoint)
+    return Path(resume_from_checkpoint)
+
+
+def remove_partial_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete leftovers of interrupted saves (`checkpoints/.tmp-step_*`); returns what was removed."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    removed = sorted(root.glob(f"{TMP_CHECKPOINT_PREFIX}*")) if root.is_dir() else []
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.iterdir():
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, training_state: dict,
+                    total_limit: int | None = None) -> Path:
+    """Atomically save a resumable checkpoint as checkpoints/step_<training_state['step']> (all ranks call this)."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    step = int(training_state["step"])
+    tmp, final = root / f"{TMP_CHECKPOINT_PREFIX}{step}", root / f"{CHECKPOINT_PREFIX}{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # rank 0: weights, optimizer, scheduler, EMA/task; every rank: its RNG
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / TRAINING_STATE).write_text(json.dumps(training_state, indent=2))
+        _fsync_tree(tmp)  # the data must be on disk before the marker says it is
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / CHECKPOINT_MARKER).write_text(json.dumps({"step": step, "files": files}, indent=2))
+        if final.exists():  # a stale checkpoint of the same step from an earlier attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if total_limit is not None:
+            complete = [p for p in list_checkpoints(output_dir) if (p / CHECKPOINT_MARKER).is_file()]
+            for old in complete[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ----------------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class TrainingResult:
+    model: nn.Module  # the saved model: EMA weights when EMA is on, else the trained weights (unwrapped)
+    metrics: dict[str, float]  # final evaluation
+    completed_steps: int
+    run_info: dict
+
+
+def process_state(args: TrainingArguments) -> PartialState:
+    """The (distributed) process state, set up as `run_training`'s Accelerator will set it up.
+
+    For work before `run_training`, e.g. `with process_state(args).main_process_first(): <build data>`.
+    Honours --cpu and ACCELERATE_USE_CPU=1 (which, unlike Accelerator, a bare PartialState ignores: a
+    torchrun job on CPU would otherwise fall back to independent, unsynchronised processes).
+    """
+    return PartialState(cpu=args.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def _make_accelerator(args: TrainingArguments) -> Accelerator:
+    tracker = None
+    if args.report_to == "auto":
+        tracker = "tensorboard" if is_tensorboard_available() else None
+    elif args.report_to != "none":
+        tracker = args.report_to
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # The seedable sampler makes the shuffled order a function of (seed, epoch) only, which is what lets
+        # a resumed run skip exactly the micro-batches it already consumed.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=str(Path(args.output_dir) / "runs")),
+        log_with=tracker,
+        cpu=args.cpu,
+    )
+    if tracker is not None and not accelerator.log_with:
+        raise ValueError(f"--report_to {tracker}: that tracker is not installed (pip install {tracker}) "
+                         "or not known to accelerate; use --report_to none")
+    return accelerator
+
+
+def _hardware(accelerator: Accelerator) -> str:
+    device = accelerator.device
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{device.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return f"{accelerator.num_processes} x {name}"
+
+
+def _write_log(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def run_training(args: TrainingArguments, task: TrainingTask) -> TrainingResult:
+    """Train `task`'s model as `args` says; save the final model in args.output_dir. See the module doc."""
+    args.validate()
+    if task.train_dataset is None:
+        raise ValueError(f"{type(task).__name__}.train_dataset is not set")
+    start_time = time.time()
+    output_dir = Path(args.output_dir)
+    accelerator = _make_accelerator(args)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for path in remove_partial_checkpoints(output_dir):
+            logger.warning("removed the partial checkpoint %s left by an interrupted save", path)
+    accelerator.wait_for_everyone()
+    checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)  # fail fast on a bad path
+    if accelerator.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores; bf16 autocast is unaffected
+    set_seed(args.seed)
+
+    model = task.build_model()
+    iterable = isinstance(task.train_dataset, IterableDataset)
+    train_dataloader = DataLoader(
+        task.train_dataset, batch_size=args.per_device_train_batch_size, shuffle=not iterable,
+        collate_fn=task.collate, num_workers=args.dataloader_num_workers,
+        # The loader's own generator keeps its per-epoch base-seed draw off the global RNG, which belongs
+        # to dropout; otherwise the fresh iterator a resumed run creates would shift every later mask.
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    optimizer = torch.optim.AdamW(task.parameter_groups(model, args.weight_decay), lr=args.learning_rate,
+                                  betas=(args.adam_beta1, args.adam_beta2))
+
+    # Steps. len() of the prepared loader is per process, so compute after prepare; the scheduler is built
+    # first (prepare wraps it) with step counts scaled by num_processes, because the prepared scheduler
+    # steps once per process for every optimizer step.
+    if iterable and args.max_train_steps is None:
+        raise ValueError("an iterable (streaming) training dataset has no length: give --max_train_steps")
+    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    steps_per_epoch = None if iterable else math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training dataset has no batch for this process ({len(task.train_dataset)} examples)")
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_epochs = None if iterable else math.ceil(max_train_steps / steps_per_epoch)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
+                              num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
+                              num_training_steps=max_train_steps * accelerator.num_processes)
+    scheduler = accelerator.prepare(scheduler)
+
+    ema = None
+    if args.ema_decay > 0:  # an fp32 shadow copy, updated after every optimizer step; never wrapped by DDP
+        ema = AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay))
+        ema.eval()
+        accelerator.register_for_checkpointing(ema)
+    if callable(getattr(task, "state_dict", None)) and callable(getattr(task, "load_state_dict", None)):
+        accelerator.register_for_checkpointing(task)
+
+    # Resume.
+    completed_steps, start_epoch, skip_batches = 0, 0, 0
+    if checkpoint is not None:
+        state = validate_checkpoint(checkpoint)
+        try:
+            accelerator.load_state(str(checkpoint))
+        except Exception as err:  # a file that passed the size check but does not load
+            raise ValueError(f"checkpoint {checkpoint} could not be loaded: {type(err).__name__}: {err}") from err
+        completed_steps, start_epoch = int(state["step"]), int(state["epoch"])
+        skip_batches = int(state["micro_batches_in_epoch"])
+        if not iterable and skip_batches >= len(train_dataloader):  # saved right at the end of an epoch
+            start_epoch, skip_batches = start_epoch + 1, 0
+        geometry = {"num_processes": accelerator.num_processes, "per_device_train_batch_size":
+                    args.per_device_train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps}
+        changed = {k: (state.get(k), v) for k, v in geometry.items() if state.get(k) != v}
+        if changed:
+            logger.warning("resuming with a different batch geometry %s: the data order will not match the "
+                           "original run exactly", changed)
+        accelerator.print(f"resumed from {checkpoint} at step {completed_steps} (epoch {start_epoch}, "
+                          f"{skip_batches} micro-batches into it)")
+    elif args.resume_from_checkpoint == "latest":
+        accelerator.print(f"no complete checkpoint in {output_dir / CHECKPOINTS_DIR}; starting from scratch")
+
+    log_path = output_dir / LOG_FILE
+    if accelerator.is_main_process and checkpoint is not None:
+        _write_log(log_path, {"event": "resume", "step": completed_steps, "checkpoint": str(checkpoint)})
+    if accelerator.log_with:
+        config = {k: v for k, v in asdict(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("trm-lm", config=config)
+
+    def evaluate() -> dict[str, float]:
+        eval_model = ema.module if ema is not None else accelerator.unwrap_model(model)
+        eval_model.eval()
+        devices = [torch.cuda.current_device()] if accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), accelerator.autocast():
+            metrics = task.evaluate(eval_model, accelerator)
+        model.train()
+        return {k: float(v) for k, v in metrics.items()}
+
+    def log(record: dict) -> None:
+        if accelerator.is_main_process:
+            _write_log(log_path, record)
+        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def log_metrics(metrics: dict[str, float]) -> None:
+        if metrics:
+            log({"step": completed_steps, **{f"eval_{k}": v for k, v in metrics.items()}})
+
+    progress = tqdm(total=max_train_steps, initial=completed_steps, disable=not accelerator.is_local_main_process,
+                    desc="training")
+    model.train()
+    loss_sum = torch.zeros((), device=accelerator.device)  # summed micro-batch losses since the last log line
+    micro_batches = tokens = 0
+    window_start = time.time()
+    grad_norm = None
+    metrics: dict[str, float] = {}
+    last_eval_step = -1
+    epoch = start_epoch
+    batches = None
+    while completed_steps < max_train_steps and (num_epochs is None or epoch < num_epochs):
+        train_dataloader.set_epoch(epoch)  # the sampler's order for this epoch = f(seed, epoch)
+        batches, consumed = train_dataloader, 0
+        if epoch == start_epoch and skip_batches:
+            batches, consumed = accelerator.skip_first_batches(train_dataloader, skip_batches), skip_batches
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = task.compute_loss(model, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            consumed += 1
+            loss_sum += loss.detach().float()
+            micro_batches += 1
+            tokens += task.num_tokens(batch) * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+
+            completed_steps += 1
+            if ema is not None:
+                ema.update_parameters(accelerator.unwrap_model(model))
+            progress.update(1)
+
+            if completed_steps % args.logging_steps == 0 or completed_steps == max_train_steps:
+                mean_loss = accelerator.reduce(loss_sum / micro_batches, reduction="mean").item()
+                elapsed = time.time() - window_start
+                record = {"step": completed_steps, "epoch": epoch, "loss": mean_loss,
+                          "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / max(elapsed, 1e-9),
+                          "elapsed_s": time.time() - start_time}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                log(record)
+                progress.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                loss_sum.zero_()
+                micro_batches = tokens = 0
+                window_start = time.time()
+
+            paused = time.time()  # evaluation and checkpointing do not count against tokens/s
+            if args.eval_steps and completed_steps % args.eval_steps == 0:
+                metrics, last_eval_step = evaluate(), completed_steps
+                log_metrics(metrics)
+
+            if args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0:
+                training_state = {
+                    "step": completed_steps, "epoch": epoch, "micro_batches_in_epoch": consumed,
+                    "max_train_steps": max_train_steps, "seed": args.seed,
+                    "num_processes": accelerator.num_processes,
+                    "per_device_train_batch_size": args.per_device_train_batch_size,
+                    "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                    "rng": "python/numpy/torch(/cuda) states per rank in random_states_<rank>.pkl",
+                }
+                save_checkpoint(accelerator, output_dir, training_state, args.checkpoints_total_limit)
+            window_start += time.time() - paused
+            if completed_steps >= max_train_steps:
+                break
+        epoch += 1
+    progress.close()
+
+    if last_eval_step != completed_steps:
+        metrics = evaluate()
+        log_metrics(metrics)
+
+    final_model = ema.module if ema is not None else accelerator.unwrap_model(model)
+    run_info = {
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "steps": completed_steps,
+        "epochs": epoch if num_epochs is None else min(epoch, num_epochs),
+        "wall_time_s": round(time.time() - start_time, 1),
+        "hardware": _hardware(accelerator),
+        "mixed_precision": args.mixed_precision,
+        "num_parameters": sum(p.numel() for p in final_model.parameters()),
+        "ema_decay": args.ema_decay,
+        "resumed_from": str(checkpoint) if checkpoint is not None else None,
+        "training_args": asdict(args),
+    }
+    if hasattr(final_model, "save_pretrained"):
+        final_model.save_pretrained(output_dir, is_main_process=accelerator.is_main_process)
+    else:
+        accelerator.save_model(final_model, output_dir)
+    if accelerator.is_main_process:
+        task.save_final(final_model, output_dir, metrics, run_info)
+        (output_dir / RESULTS_FILE).write_text(json.dumps({"metrics": metrics, **run_info}, indent=2))
+
+    # Clean DDP exit: drop every reference to the wrapped model and optimizer before tearing down the process
+    # group, or gloo occasionally aborts at exit (see docs/ reference notes on the teardown flake).
+    accelerator.wait_for_everyone()
+    del model, optimizer, scheduler, train_dataloader, batches
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()
+    return TrainingResult(model=final_model, metrics=metrics, completed_steps=completed_steps, run_info=run_info)
+
+
+__all__ = [
+    "TrainingArguments", "TrainingTask", "TrainingResult", "run_training", "parse_args", "process_state", "load_config",
+    "parameter_groups", "save_checkpoint", "validate_checkpoint", "find_latest_checkpoint", "resolve_checkpoint",
+    "list_checkpoints", "remove_partial_checkpoints",
+]
