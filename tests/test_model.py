@@ -357,3 +357,48 @@ def test_bf16_load_runs():
     with torch.no_grad():
         logits = half(torch.randint(1, 61, (1, 6))).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all() and reference.shape == logits.shape
+
+
+# ----- training-free stopping rules ----------------------------------------------------------------------
+
+def test_entropy_criterion_with_huge_threshold_stops_after_one_step():
+    model = tiny_model(supervision_steps=3)
+    ids = torch.randint(1, 61, (1, 9))
+    with torch.no_grad():
+        stopped = model(ids, halt_threshold=100.0, halt_criterion="entropy")
+        one_step = model(ids, supervision_steps=1)
+        never = model(ids, halt_threshold=0.0, halt_criterion="entropy")
+    assert (stopped.steps_used == 1).all() and (never.steps_used == 3).all()
+    torch.testing.assert_close(stopped.logits, one_step.logits)
+
+
+def test_kl_criterion_incremental_matches_full_reference():
+    model = tiny_model(supervision_steps=3)
+    ids = torch.randint(1, 61, (1, 30))
+    with torch.no_grad():
+        full = model(ids, halt_threshold=0.0, halt_criterion="kl")
+        kl = [model(ids, halt_threshold=t, halt_criterion="kl").steps_used.float().mean() for t in (1e-4, 1e-2, 1.0)]
+        # pick a threshold that splits the tokens, then decode token by token
+        threshold = float(torch.quantile(_step_kl(model, ids), 0.5))
+        reference = model(ids, halt_threshold=threshold, halt_criterion="kl")
+        cache = DynamicCache(config=model.config)
+        pieces = [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True, halt_threshold=threshold,
+                        halt_criterion="kl") for t in range(30)]
+    assert (full.steps_used == 3).all()  # KL is never <= 0 between different distributions
+    assert kl[0] >= kl[1] >= kl[2] and kl[2] == 2.0  # the first step can never stop under KL
+    assert torch.equal(torch.cat([p.steps_used for p in pieces], 1), reference.steps_used)
+    torch.testing.assert_close(torch.cat([p.logits for p in pieces], 1), reference.logits, rtol=1e-4, atol=1e-4)
+
+
+def _step_kl(model, ids):
+    out = model(ids, output_step_topk=model.config.vocab_size)
+    probs = torch.zeros(out.step_top_ids.shape[0], ids.shape[1], model.config.vocab_size)
+    for s in range(probs.shape[0]):
+        probs[s].scatter_(-1, out.step_top_ids[s, 0], out.step_top_probs[s, 0])
+    return (probs[1] * (probs[1].log() - probs[0].log())).sum(-1)
+
+
+@pytest.mark.parametrize("criterion, bad", [("entropy", -1.0), ("kl", float("inf")), ("median", 0.5)])
+def test_bad_halt_criteria_are_rejected(criterion, bad):
+    with pytest.raises(ValueError, match="halt_"):
+        tiny_model()(torch.ones(1, 3, dtype=torch.long), halt_threshold=bad, halt_criterion=criterion)

@@ -11,6 +11,7 @@ to the weights and `from_pretrained(dir, trust_remote_code=True)` works where tr
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_trm import TRMConfig
+from .inspection import TokenTrace, format_trace_table, inspect_generation
 from .modeling_trm import TRMCausalLMOutputWithPast, TRMForCausalLM, TRMModel, TRMPreTrainedModel
 
 AutoConfig.register(TRMConfig.model_type, TRMConfig, exist_ok=True)
@@ -21,4 +22,5 @@ TRMModel.register_for_auto_class("AutoModel")
 TRMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __version__ = "0.1.0"
-__all__ = ["TRMConfig", "TRMForCausalLM", "TRMModel", "TRMPreTrainedModel", "TRMCausalLMOutputWithPast"]
+__all__ = ["TRMConfig", "TRMForCausalLM", "TRMModel", "TRMPreTrainedModel", "TRMCausalLMOutputWithPast",
+           "inspect_generation", "format_trace_table", "TokenTrace"]

@@ -10,7 +10,8 @@ target being "this position's argmax is already the next token". The logits retu
 the final step, i.e. exactly what generation uses.
 
 Inference: `halt_threshold` (argument or config) turns on per-token exit: after each step, positions
-whose P(halt) >= threshold freeze (see core.py for the KV copy-forward). `generate()` works with the
+whose P(halt) >= threshold freeze (see core.py for the KV copy-forward). `halt_criterion="entropy"|"kl"`
+swaps the trained head for a training-free rule (next-token entropy, or KL between successive steps). `generate()` works with the
 stock DynamicCache, one slot per virtual layer (config.num_hidden_layers of them).
 
 Relative imports only: this file and its siblings are copied next to saved weights as remote code.
@@ -105,11 +106,12 @@ class TRMModel(TRMPreTrainedModel):
         self.embed_tokens = value
 
     def recurse(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, supervision_steps=None, halt_threshold=None):
+                inputs_embeds=None, supervision_steps=None, halt_rule=None):
         """Run the supervision steps; yield (step, y, halt_logits, steps_used) after each.
 
         y: (B, T, D) answer state after the step (with grad in training; the carry into the next step is
         detached). halt_logits: (B, T). steps_used: (B, T) steps run so far by each position.
+        halt_rule(y, halt_logits) -> (B, T) bool: positions that stop after this step (inference only).
         """
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
@@ -148,8 +150,8 @@ class TRMModel(TRMPreTrainedModel):
             halt_logits = self.core.halt_logits(y)
             yield step, y, halt_logits, steps_used
             y, z = y.detach(), z.detach()  # deep supervision: the carry holds no graph
-            if halt_threshold is not None and step < steps - 1:
-                now = torch.sigmoid(halt_logits) >= halt_threshold
+            if halt_rule is not None and step < steps - 1:
+                now = halt_rule(y, halt_logits)
                 halted = now if halted is None else halted | now
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
@@ -157,9 +159,10 @@ class TRMModel(TRMPreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if (use_cache or halt_threshold is not None) and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
+        rule = None if halt_threshold is None else (lambda y, logits: torch.sigmoid(logits) >= halt_threshold)
         y = None
         for _, y, _, _ in self.recurse(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
-                                       supervision_steps, halt_threshold):
+                                       supervision_steps, rule):
             pass
         return BaseModelOutputWithPast(last_hidden_state=y, past_key_values=past_key_values if use_cache else None)
 
@@ -187,29 +190,29 @@ class TRMForCausalLM(TRMPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, supervision_steps=None,
-                halt_threshold=_FROM_CONFIG, output_step_topk=0, **kwargs) -> TRMCausalLMOutputWithPast:
+                halt_threshold=_FROM_CONFIG, halt_criterion="head", output_step_topk=0,
+                **kwargs) -> TRMCausalLMOutputWithPast:
         """Standard causal-LM forward, plus TRM controls.
 
         supervision_steps: run only the first k steps (inference; default all).
-        halt_threshold: per-token early exit; default = config.halt_threshold, None or a value > 1 = off.
+        halt_threshold: per-token early exit; default = config.halt_threshold; None = off.
+        halt_criterion: what the threshold applies to, after each step:
+            "head"    the trained halt head: stop when P(halt) >= threshold (in (0, 1]; > 1 = off);
+            "entropy" training-free: stop when the next-token entropy (nats) <= threshold;
+            "kl"      training-free: stop when KL(p_step || p_previous_step) (nats) <= threshold.
         output_step_topk: return the top-k next-token predictions after every step (inspection).
         """
         cfg = self.config
         threshold = cfg.halt_threshold if isinstance(halt_threshold, str) and halt_threshold == _FROM_CONFIG \
             else halt_threshold
-        if threshold is not None:
-            threshold = float(threshold)
-            if math.isnan(threshold) or threshold <= 0:
-                raise ValueError(f"halt_threshold must be > 0 (values > 1 disable halting), got {halt_threshold!r}")
-            if threshold > 1:
-                threshold = None
-        if threshold is not None and self.training:
+        rule = self._halt_rule(halt_criterion, threshold)
+        if rule is not None and self.training:
             raise ValueError("halt_threshold is an inference-time setting; training runs every supervision step")
         use_cache = cfg.use_cache if use_cache is None else use_cache
         if self.training and labels is not None:
             use_cache = False
         cache = past_key_values
-        if cache is None and (use_cache or threshold is not None):
+        if cache is None and (use_cache or rule is not None):
             cache = DynamicCache(config=cfg)  # ACT copies K/V forward even without use_cache
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         if labels is not None and logits_to_keep:
@@ -220,7 +223,7 @@ class TRMForCausalLM(TRMPreTrainedModel, GenerationMixin):
         losses, top_ids, top_probs = [], [], []
         logits = steps_used = None
         for step, y, halt_logits, steps_used in self.model.recurse(
-                input_ids, attention_mask, position_ids, cache, inputs_embeds, supervision_steps, threshold):
+                input_ids, attention_mask, position_ids, cache, inputs_embeds, supervision_steps, rule):
             last = step == steps - 1
             if not (last or labels is not None or output_step_topk):
                 continue
@@ -243,6 +246,36 @@ class TRMForCausalLM(TRMPreTrainedModel, GenerationMixin):
             step_top_probs=torch.stack(top_probs) if top_probs else None,
         )
 
+    def _halt_rule(self, criterion, threshold):
+        """The per-token stopping rule for `threshold` under `criterion` (None = run every step)."""
+        if criterion not in ("head", "entropy", "kl"):
+            raise ValueError(f"halt_criterion must be 'head', 'entropy' or 'kl', got {criterion!r}")
+        if threshold is None:
+            return None
+        try:
+            threshold = float(threshold)
+        except (TypeError, ValueError):
+            raise ValueError(f"halt_threshold must be a number or None, got {threshold!r}") from None
+        if criterion == "head":
+            if not threshold > 0:  # also catches NaN
+                raise ValueError(f"halt_threshold must be > 0 (values > 1 disable halting), got {threshold!r}")
+            return None if threshold > 1 else (lambda y, logits: torch.sigmoid(logits) >= threshold)
+        if not (threshold >= 0 and math.isfinite(threshold)):
+            raise ValueError(f"halt_threshold for halt_criterion={criterion!r} is in nats and must be finite and "
+                             f">= 0, got {threshold!r}")
+        previous = {}
+
+        def rule(y, halt_logits):
+            log_probs = torch.log_softmax(self.lm_head(y).float(), dim=-1)  # (B, T, V)
+            if criterion == "entropy":
+                return -(log_probs.exp() * log_probs).sum(-1) <= threshold
+            before, previous["log_probs"] = previous.get("log_probs"), log_probs
+            if before is None:  # nothing to compare with after the first step
+                return torch.zeros(log_probs.shape[:2], dtype=torch.bool, device=y.device)
+            return (log_probs.exp() * (log_probs - before)).sum(-1) <= threshold
+
+        return rule
+
     def _step_loss(self, logits, halt_logits, labels, num_items, **kwargs):
         """Token CE (the library's loss: shifts labels, ignores -100, honours num_items_in_batch) + halting BCE."""
         ce = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
@@ -261,7 +294,7 @@ class TRMForCausalLM(TRMPreTrainedModel, GenerationMixin):
     # ----- inspection ----------------------------------------------------------------------------------
     @torch.no_grad()
     def inspect(self, input_ids, top_k: int = 3, halt_threshold=_FROM_CONFIG, supervision_steps=None,
-                **generate_kwargs) -> list[dict]:
+                halt_criterion="head", **generate_kwargs) -> list[dict]:
         """Generate, then report for every generated token what the recursion did.
 
         Returns one dict per generated token of the first sequence:
@@ -272,7 +305,8 @@ class TRMForCausalLM(TRMPreTrainedModel, GenerationMixin):
         """
         if input_ids.shape[0] != 1:
             raise ValueError("inspect() takes one prompt at a time (batch size 1)")
-        control = dict(halt_threshold=halt_threshold, supervision_steps=supervision_steps)
+        control = dict(halt_threshold=halt_threshold, supervision_steps=supervision_steps,
+                       halt_criterion=halt_criterion)
         sequences = self.generate(input_ids, **control, **generate_kwargs)
         sequences = sequences.sequences if hasattr(sequences, "sequences") else sequences
         out = self(sequences, use_cache=False, output_step_topk=top_k, **control)

@@ -1,0 +1,172 @@
+"""Gradio app: write a story with a Tiny Recursive Model and see how long it thought about each token.
+
+    python app.py [--model DIR_OR_HUB_ID] [--host 127.0.0.1] [--port 7860]
+
+The story streams in as it is generated. Then every generated token is coloured by the number of
+supervision steps it ran: with a halt threshold, a token the model is already sure of exits after the
+first step(s) (per-token ACT). The table under "Per-step predictions" lists the top predictions after
+each step. Runs offline and local-only: analytics off, no share link, 127.0.0.1 unless --host says otherwise.
+The same function is an API endpoint, `/generate` (gradio_client: `Client(url).predict(..., api_name="/generate")`).
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported
+
+import gradio as gr  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from trm_lm.generation import (  # noqa: E402
+    GenerationSettings,
+    context_length,
+    default_model_path,
+    encode_prompt,
+    is_trm,
+    load_model_and_tokenizer,
+    one_line,
+    stream_generate,
+)
+from trm_lm.inspection import steps_label, steps_summary, trace_rows, traces_from_records  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent
+MAX_PROMPT_CHARS = 4000  # checked before tokenizing, so a pasted book cannot tie up the server
+MAX_NEW_TOKENS_CAP = 512
+PREDICTIONS_PER_STEP = 3
+EXAMPLES = ["Once upon a time, there was a little dog named Max.", "Lily and Tom went to the park.",
+            "The sun was hot, so the cat"]
+# cool to hot: green = exited after the first step, dark red = ran every supervision step
+DEPTH_COLOURS = ["#48bb78", "#ecc94b", "#ed8936", "#e53e3e", "#9b2c2c"]
+
+
+def build_demo(model, tokenizer, *, max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP,
+               max_prompt_chars: int = MAX_PROMPT_CHARS, default_seed: int | None = None) -> gr.Blocks:
+    """The app around a loaded model; `demo.queue(...).launch(...)` it (see main)."""
+    trm = is_trm(model)
+    max_steps = model.config.supervision_steps if trm else 1
+    context = context_length(model)
+    if context is not None:  # room for BOS and at least one prompt token
+        max_new_tokens_cap = max(1, min(max_new_tokens_cap, context - 2))
+    colour_map = {steps_label(s): DEPTH_COLOURS[round((s - 1) * (len(DEPTH_COLOURS) - 1) / max(1, max_steps - 1))]
+                  for s in range(1, max_steps + 1)}
+
+    def generate(prompt, temperature, top_p, max_new_tokens, halt_threshold, supervision_steps, seed):
+        """Stream the story; end with the depth view, the per-step table and a summary."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise gr.Error("The prompt is empty: type the beginning of a story, e.g. 'Once upon a time'.")
+        if len(prompt) > max_prompt_chars:
+            raise gr.Error(f"The prompt is {len(prompt):,} characters long; the limit is {max_prompt_chars:,}.")
+        try:
+            settings = GenerationSettings(
+                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                halt_threshold=halt_threshold if trm else None, supervision_steps=supervision_steps if trm else None,
+                seed=None if seed is None or seed < 0 else seed,
+            )
+            if settings.max_new_tokens > max_new_tokens_cap:
+                raise ValueError(f"max new tokens must be at most {max_new_tokens_cap} here, "
+                                 f"got {settings.max_new_tokens}")
+            encoded = encode_prompt(tokenizer, prompt, settings.max_new_tokens, context)
+            stream = stream_generate(model, tokenizer, encoded, settings,
+                                     trace_top_k=PREDICTIONS_PER_STEP if trm else 0)
+        except ValueError as error:
+            raise gr.Error(one_line(error)) from error
+        notes = []
+        if encoded.warning:
+            gr.Warning(encoded.warning)
+            notes.append(f"Note: {encoded.warning}.")
+
+        story = prompt
+        yield story, [], None, "Generating…"
+        while True:
+            try:
+                story += next(stream)
+            except StopIteration as finished:
+                result = finished.value
+                break
+            yield story, gr.skip(), gr.skip(), gr.skip()
+
+        if not trm:
+            yield story, [], None, " ".join(notes + [f"{len(result.token_ids[0])} new tokens."])
+            return
+        traces = traces_from_records(result.records, tokenizer)
+        depth = [(prompt, None)] + [(trace.token, steps_label(trace.steps_used)) for trace in traces]
+        headers, rows = trace_rows(traces)
+        mean = sum(trace.steps_used for trace in traces) / max(1, len(traces))
+        summary = (f"{len(traces)} new tokens; supervision steps per token: {steps_summary(traces)} "
+                   f"(mean {mean:.2f} of {max_steps}).")
+        yield story, depth, {"headers": headers, "data": rows}, " ".join(notes + [summary])
+
+    with gr.Blocks(title="Tiny Recursive Model: stories", analytics_enabled=False) as demo:
+        gr.Markdown("# Tiny Recursive Model: stories\nType the start of a story. Tokens are coloured by the "
+                    "number of supervision steps (recursion depth) the model spent on them.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                prompt = gr.Textbox(label="Prompt", lines=3, value=EXAMPLES[0], elem_id="prompt")
+                with gr.Row():
+                    run = gr.Button("Generate", variant="primary", elem_id="generate-btn")
+                    stop = gr.Button("Stop", elem_id="stop-btn")
+                temperature = gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="Temperature (0 = greedy)")
+                top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p")
+                max_new_tokens = gr.Slider(1, max_new_tokens_cap, value=min(128, max(1, max_new_tokens_cap // 2)),
+                                           step=1, label="Max new tokens")
+                # on by default (the config's value, else 0.9): with it off every token runs every step
+                halt_threshold = gr.Slider(
+                    0.0, 1.0, value=(model.config.halt_threshold or 0.9) if trm else 0.0, step=0.01, visible=trm,
+                    elem_id="halt-threshold", label="Halt threshold (a token stops once P(halt) >= this; 0 = off)")
+                supervision_steps = gr.Slider(1, max(max_steps, 2), value=max_steps, step=1, visible=trm,
+                                              label=f"Supervision steps (at most {max_steps})")
+                seed = gr.Number(value=-1 if default_seed is None else default_seed, precision=0,
+                                 label="Seed (-1 = random)")
+                gr.Examples(EXAMPLES, inputs=[prompt])
+            with gr.Column(scale=2):
+                story = gr.Textbox(label="Story", lines=10, interactive=False, elem_id="story")
+                depth = gr.HighlightedText(label="Supervision steps per generated token", color_map=colour_map,
+                                           show_legend=True, show_inline_category=False, elem_id="depth",
+                                           visible=trm)
+                status = gr.Markdown(label="Summary", elem_id="status")
+                with gr.Accordion("Per-step predictions (top-3 after each supervision step)", open=False,
+                                  visible=trm, elem_id="predictions-accordion"):
+                    predictions = gr.Dataframe(label="Per-step predictions", interactive=False, wrap=True,
+                                               elem_id="predictions")
+        event = run.click(generate, inputs=[prompt, temperature, top_p, max_new_tokens, halt_threshold,
+                                            supervision_steps, seed],
+                          outputs=[story, depth, predictions, status], api_name="generate")
+        stop.click(None, cancels=[event])
+    return demo
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Gradio app for TRM story generation (local, offline)")
+    parser.add_argument("--model", default=None,
+                        help="model folder or Hugging Face Hub id (default: checkpoints/trm-tinystories-small)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="generations run at once; 1 keeps seeded results reproducible (torch's RNG is global)")
+    parser.add_argument("--max_new_tokens_cap", type=int, default=MAX_NEW_TOKENS_CAP)
+    parser.add_argument("--seed", type=int, default=None, help="the seed box's initial value (default: random)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        if args.concurrency < 1 or args.max_new_tokens_cap < 1:
+            raise ValueError("--concurrency and --max_new_tokens_cap must be >= 1")
+        model, tokenizer = load_model_and_tokenizer(args.model or default_model_path(REPO_ROOT), device=args.device)
+    except (ValueError, OSError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+    demo = build_demo(model, tokenizer, max_new_tokens_cap=args.max_new_tokens_cap, default_seed=args.seed)
+    demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
+    demo.launch(server_name=args.host, server_port=args.port, share=False, show_error=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""A tiny saved TRM language model + byte-level BPE tokenizer, for tests of anything that loads a model dir.
+
+Use it from a test module with
+
+    from fixtures_model import tiny_model_dir  # noqa: F401  (pytest fixture)
+
+and ask for `tiny_model_dir` (a Path: config.json, model.safetensors, the remote-code .py files,
+tokenizer.json, tokenizer_config.json). Built once per session in a temp dir, in about a second.
+The weights are random (seeded), so generations are gibberish but deterministic for a given seed.
+
+Also here: `load_script` (import generate/generate.py or app.py as a module) and `running_app`
+(the Gradio app on a free loopback port), shared by the CLI, app and browser tests.
+"""
+
+import importlib.util
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from trm_lm import TRMConfig, TRMForCausalLM
+from trm_lm.data import train_bpe_tokenizer
+
+# A few sentences in the TinyStories style: enough merges for a ~300-token vocabulary, no data files needed.
+TOKENIZER_TEXT = [
+    "Once upon a time, there was a little girl named Lily. She liked to play in the park with her dog.",
+    "One day, Tom found a big red ball under the tree. He was very happy and ran to show his mom.",
+    "The cat and the bird were friends. They played in the garden every day until the sun went down.",
+    "Lily said, \"Mom, can we go to the park?\" Her mom smiled and said, \"Yes, we can go after lunch.\"",
+    "Tim wanted to help his friend. He gave him a toy car, and they both laughed and played together.",
+    "The little dog was sad because it lost its bone. A kind boy helped the dog look for it in the grass.",
+] * 4
+
+TINY_VOCAB_SIZE = 300
+TINY_CONTEXT = 128  # small, so that prompt truncation is easy to trigger in tests
+
+
+def build_tiny_model(path: Path, seed: int = 0) -> Path:
+    """Train the tokenizer, build a random tiny TRM, and `save_pretrained` both into `path`."""
+    tokenizer = train_bpe_tokenizer(TOKENIZER_TEXT, vocab_size=TINY_VOCAB_SIZE)
+    tokenizer.model_max_length = TINY_CONTEXT
+    config = TRMConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_attention_heads=2, net_layers=1, latent_steps=1, cycles=2,
+        supervision_steps=2, max_position_embeddings=TINY_CONTEXT, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = TRMForCausalLM(config).eval()
+    # A fresh halt head never halts (weight 0, bias -5); give it random weights and no bias, so that at
+    # halt_threshold=0.5 about half the tokens exit after the first supervision step and half run both.
+    halt_head = model.model.core.halt_head
+    with torch.no_grad():
+        halt_head.weight.normal_(0.0, 0.5)
+        halt_head.bias.zero_()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-trm"))
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative_path: str):
+    """Import a repo script (e.g. 'generate/generate.py', 'app.py') as a module, wherever pytest runs from."""
+    path = REPO_ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(f"trm_script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running_app(model_dir: Path, **build_kwargs):
+    """Yield (url, model, tokenizer) while app.py's demo serves the model on 127.0.0.1 (queue as in main)."""
+    app = load_script("app.py")
+    model, tokenizer = app.load_model_and_tokenizer(model_dir, device="cpu")
+    demo = app.build_demo(model, tokenizer, **build_kwargs)
+    demo.queue(default_concurrency_limit=1, max_size=64)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, share=False, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/", model, tokenizer
+    finally:
+        demo.close()

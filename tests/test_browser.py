@@ -1,0 +1,92 @@
+"""The app in a real browser: headless Chromium (Debian `chromium` + `chromium-driver`) driven by selenium.
+
+Types a prompt, clicks Generate, waits for the streamed story and the depth view, saves a screenshot
+(to the test's tmp dir, and to $TRM_SCREENSHOT_DIR when set). Gradio keeps connections open, so the
+test waits for elements, never for network idle.
+"""
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from fixtures_model import running_app, tiny_model_dir  # noqa: F401
+
+pytestmark = [pytest.mark.browser,
+              pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio.queueing")]  # gradio's own pandas use
+
+CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+CHROMEDRIVER = shutil.which("chromedriver")
+PROMPT = "Tom and Lily went to the park."
+
+
+@pytest.fixture(scope="module")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.skip("headless Chromium needs the chromium and chromedriver binaries "
+                    "(Debian: apt-get install chromium chromium-driver); not found on PATH")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1500"):
+        options.add_argument(flag)
+    options.page_load_strategy = "eager"  # DOM ready is enough; gradio's open connections never go idle
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)  # explicit driver: no downloads
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def app(tiny_model_dir):  # noqa: F811
+    with running_app(tiny_model_dir, default_seed=1234) as (url, _, tokenizer):
+        yield url, tokenizer
+
+
+def test_story_streams_into_the_page_with_its_depth_view(browser, app, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    app_url, tokenizer = app
+    browser.get(app_url)
+    wait = WebDriverWait(browser, 60)
+    prompt = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea"))
+    prompt.clear()
+    prompt.send_keys(PROMPT)
+    threshold = browser.find_element(By.CSS_SELECTOR, "#halt-threshold input[type=number]")
+    threshold.clear()
+    threshold.send_keys("0.5", Keys.TAB)  # the fixture's halt head stops about half the tokens at 0.5
+    browser.find_element(By.CSS_SELECTOR, "#generate-btn").click()
+
+    # the summary line appears once the stream has ended and the depth view is filled
+    wait.until(lambda d: "new tokens" in d.find_element(By.CSS_SELECTOR, "#status").text)
+    story = browser.find_element(By.CSS_SELECTOR, "#story textarea").get_attribute("value")
+    assert story.startswith(PROMPT) and story[len(PROMPT):].strip(), f"no generated text: {story!r}"
+
+    depth = browser.find_element(By.CSS_SELECTOR, "#depth")
+    tokens = depth.find_elements(By.CSS_SELECTOR, ".token.highlighted")
+    legend = [item.text for item in depth.find_elements(By.CSS_SELECTOR, ".legend-item")]
+    assert legend == ["1 step", "2 steps"]
+    colours = {token.value_of_css_property("background-color") for token in tokens}
+    assert len(colours) == 2  # tokens that exited after step 1 and tokens that ran both look different
+    status = browser.find_element(By.CSS_SELECTOR, "#status").text
+    assert f"{len(tokens)} new tokens" in status
+
+    # per-step predictions, on demand: open the accordion, the table lists the top-3 after each step
+    browser.find_element(By.CSS_SELECTOR, "#predictions-accordion button.label-wrap").click()
+    table = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#predictions"))  # rendered when opened
+    wait.until(lambda d: "step 2 top-k" in table.text)
+    cells = table.text.splitlines()  # headers, then the cells row by row
+    first_position = 1 + len(tokenizer(PROMPT)["input_ids"])  # the first generated token, after BOS and the prompt
+    assert cells[cells.index("step 2 top-k") + 1] == str(first_position)
+    assert re.search(r"0\.\d{3}, .* 0\.\d{3}, .* 0\.\d{3}", table.text)  # three predictions with probabilities
+
+    shots = [tmp_path / "app.png"]
+    if os.environ.get("TRM_SCREENSHOT_DIR"):
+        Path(os.environ["TRM_SCREENSHOT_DIR"]).mkdir(parents=True, exist_ok=True)
+        shots.append(Path(os.environ["TRM_SCREENSHOT_DIR"]) / "app.png")
+    for shot in shots:
+        assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000

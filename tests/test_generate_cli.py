@@ -1,0 +1,281 @@
+"""generate/generate.py and the library under it (trm_lm.generation, trm_lm.inspection), on a tiny saved model.
+
+Most runs call the CLI's main() in this process (loading torch once); two run it as a real subprocess
+to check exit codes, stdin and that errors are one line without a traceback.
+"""
+
+import io
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from fixtures_model import REPO_ROOT, load_script, tiny_model_dir  # noqa: F401
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel, set_seed
+from transformers.utils import logging as hf_logging
+
+from trm_lm.generation import GenerationSettings, encode_prompt, generate_text, stream_generate
+from trm_lm.inspection import StepPrediction, TokenTrace, format_trace_table, inspect_generation
+
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def cli():
+    verbosity = hf_logging.get_verbosity()
+    yield load_script("generate/generate.py")
+    hf_logging.set_verbosity(verbosity)  # main() silences transformers; give the rest of the session its logs back
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):  # noqa: F811
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def run_cli(cli, capsys, *args):
+    code = cli.main([str(arg) for arg in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def prompt_ids(tokenizer, prompt=PROMPT):
+    """What the model should see: BOS, then the prompt (how training presents every document)."""
+    return torch.tensor([[tokenizer.bos_token_id] + tokenizer(prompt)["input_ids"]])
+
+
+def sampling_config(tokenizer, max_new_tokens, temperature, top_p=0.95):
+    return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+
+
+def test_stream_equals_non_stream_and_plain_generate(cli, capsys, tiny_model_dir, model_and_tokenizer):  # noqa: F811
+    args = ["--model", tiny_model_dir, "--prompt", PROMPT, "--max_new_tokens", 24, "--temperature", 0.9,
+            "--seed", 3, "--device", "cpu"]
+    code, plain, err = run_cli(cli, capsys, *args)
+    assert code == 0, err
+    code, streamed, err = run_cli(cli, capsys, *args, "--stream")
+    assert code == 0, err
+    assert streamed == plain
+    # ... and both are what model.generate samples with the same seed, written here independently
+    model, tokenizer = model_and_tokenizer
+    ids = prompt_ids(tokenizer)
+    set_seed(3)
+    sequence = model.generate(ids, generation_config=sampling_config(tokenizer, 24, 0.9))[0, ids.shape[1]:]
+    expected = PROMPT + tokenizer.decode(sequence, skip_special_tokens=True)
+    assert plain == expected + "\n"
+    assert len(expected) > len(PROMPT)
+    # a different seed samples something else (the seed is really used)
+    code, other, _ = run_cli(cli, capsys, *args[:-4], "--seed", 4, "--device", "cpu")
+    assert code == 0 and other != plain
+
+
+def test_stream_yields_pieces_as_they_come(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    settings = GenerationSettings(max_new_tokens=40, temperature=1.0, seed=0)
+    stream = stream_generate(model, tokenizer, PROMPT, settings)
+    pieces = []
+    with pytest.raises(StopIteration) as finished:
+        while True:
+            pieces.append(next(stream))
+    result = finished.value.value
+    assert len(pieces) > 1  # streamed, not delivered at the end in one piece
+    assert "".join(pieces) == result.text == generate_text(model, tokenizer, PROMPT, settings).text
+    assert len(result.token_ids[0]) == 40 or result.token_ids[0][-1] == tokenizer.eos_token_id
+
+
+def expected_traces(model, tokenizer, seed, halt_threshold, max_new_tokens, temperature):
+    """model.inspect() with the CLI's settings, decoded here (not by trm_lm.inspection)."""
+    set_seed(seed)
+    records = model.inspect(prompt_ids(tokenizer), top_k=3, halt_threshold=halt_threshold,
+                            generation_config=sampling_config(tokenizer, max_new_tokens, temperature))
+    decode = lambda i: tokenizer.decode([i], skip_special_tokens=False)  # noqa: E731
+    return [TokenTrace(r["position"], r["token_id"], decode(r["token_id"]), r["steps_used"],
+                       [StepPrediction(p["step"], p["top_ids"], [decode(i) for i in p["top_ids"]], p["top_probs"])
+                        for p in r["step_predictions"]]) for r in records]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_show_steps_matches_model_inspect(cli, capsys, tiny_model_dir, model_and_tokenizer, stream):  # noqa: F811
+    model, tokenizer = model_and_tokenizer
+    args = ["--model", tiny_model_dir, "--prompt", PROMPT, "--max_new_tokens", 20, "--temperature", 0.9,
+            "--seed", 5, "--halt_threshold", 0.5, "--show_steps", "--device", "cpu"] + (["--stream"] if stream else [])
+    code, out, err = run_cli(cli, capsys, *args)
+    assert code == 0, err
+    traces = expected_traces(model, tokenizer, seed=5, halt_threshold=0.5, max_new_tokens=20, temperature=0.9)
+    steps = [trace.steps_used for trace in traces]
+    assert set(steps) == {1, 2}, "the fixture's halt head should stop some tokens early at threshold 0.5"
+    assert all(len(trace.step_predictions) == trace.steps_used for trace in traces)
+    story, table = out.split("\n\n", 1)
+    assert story == PROMPT + tokenizer.decode([t.token_id for t in traces], skip_special_tokens=True)
+    assert table.rstrip("\n") == format_trace_table(traces)
+    # the table really shows the numbers: one row per token with its step count and step-1 top-1 probability
+    rows = table.splitlines()[1:-1]
+    assert len(rows) == len(traces)
+    for row, trace in zip(rows, traces):
+        assert row.split()[0] == str(trace.position)
+        assert f"{trace.step_predictions[0].top_probs[0]:.3f}" in row
+    assert table.splitlines()[-1] == f"{len(traces)} tokens (1 step: {steps.count(1)}, 2 steps: {steps.count(2)})"
+
+
+def test_inspect_generation_follows_the_settings(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    traces = inspect_generation(model, tokenizer, PROMPT, max_new_tokens=12, top_k=2, supervision_steps=1,
+                                temperature=0, halt_threshold=0)
+    assert len(traces) == 12 or traces[-1].token_id == tokenizer.eos_token_id
+    assert all(t.steps_used == 1 and len(t.step_predictions) == 1 for t in traces)
+    assert all(len(p.top_ids) == len(p.top_tokens) == 2 for t in traces for p in t.step_predictions)
+    # greedy: each token is the previous step's top-1 prediction
+    assert all(t.token_id == t.step_predictions[-1].top_ids[0] for t in traces)
+    with pytest.raises(ValueError, match="unknown sampling setting"):
+        inspect_generation(model, tokenizer, PROMPT, temprature=1.0)
+
+
+def test_long_prompt_is_cut_from_the_left_with_a_warning(cli, capsys, tiny_model_dir, model_and_tokenizer):  # noqa: F811
+    _, tokenizer = model_and_tokenizer
+    prompt = "Lily saw a big red ball in the park. " * 20
+    total = 1 + len(tokenizer(prompt)["input_ids"])
+    context, new = model_and_tokenizer[0].config.max_position_embeddings, 8
+    assert total > context
+    code, out, err = run_cli(cli, capsys, "--model", tiny_model_dir, "--prompt", prompt, "--max_new_tokens", new,
+                             "--temperature", 0, "--device", "cpu")
+    assert code == 0
+    assert f"dropped its first {total - (context - new)}" in err and err.startswith("warning: ")
+    assert out.startswith(prompt)
+    encoded = encode_prompt(tokenizer, prompt, new, context)
+    assert encoded.input_ids.shape[1] == context - new
+    assert encoded.input_ids[0, 0] == tokenizer.bos_token_id  # BOS kept, the prompt's start dropped
+    assert encoded.input_ids[0, -5:].tolist() == tokenizer(prompt)["input_ids"][-5:]
+
+
+def test_several_samples(cli, capsys, tiny_model_dir):  # noqa: F811
+    code, out, err = run_cli(cli, capsys, "--model", tiny_model_dir, "--prompt", PROMPT, "--max_new_tokens", 10,
+                             "--num_return_sequences", 3, "--seed", 0, "--device", "cpu")
+    assert code == 0, err
+    assert [line for line in out.splitlines() if line.startswith("--- sample")] == [
+        f"--- sample {i} of 3 ---" for i in (1, 2, 3)]
+
+
+@pytest.fixture(scope="module")
+def broken_dirs(tiny_model_dir, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("broken")
+    no_config = root / "no_config"
+    shutil.copytree(tiny_model_dir, no_config)
+    (no_config / "config.json").unlink()
+    pickle_only = root / "pickle_only"
+    shutil.copytree(tiny_model_dir, pickle_only)
+    (pickle_only / "model.safetensors").rename(pickle_only / "pytorch_model.bin")
+    truncated = root / "truncated"
+    shutil.copytree(tiny_model_dir, truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    no_tokenizer = root / "no_tokenizer"
+    shutil.copytree(tiny_model_dir, no_tokenizer)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (no_tokenizer / name).unlink()
+    return {"missing": root / "does-not-exist", "no_config": no_config, "pickle_only": pickle_only,
+            "truncated": truncated, "no_tokenizer": no_tokenizer}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "model directory not found"),
+    ("no_config", "has no config.json"),
+    ("pickle_only", "only pickle weights (pytorch_model.bin); refusing"),
+    ("truncated", "not a valid safetensors file (truncated or corrupt?)"),
+    ("no_tokenizer", "has no tokenizer"),
+])
+def test_bad_model_folders(cli, capsys, broken_dirs, case, message):
+    code, out, err = run_cli(cli, capsys, "--model", broken_dirs[case], "--prompt", PROMPT, "--device", "cpu")
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt", ""], "the prompt is empty"),
+    (["--prompt", " \n "], "the prompt is empty"),
+    (["--prompt", "Tom \udcff"], "not valid UTF-8"),  # how Python hands over undecodable argv bytes
+    (["--prompt", PROMPT, "--temperature", "nan"], "temperature must be a finite number"),
+    (["--prompt", PROMPT, "--temperature", "-0.5"], "temperature must be >= 0"),
+    (["--prompt", PROMPT, "--top_p", "0"], "top_p must be in (0, 1]"),
+    (["--prompt", PROMPT, "--top_k", "-1"], "top_k must be >= 0"),
+    (["--prompt", PROMPT, "--repetition_penalty", "0"], "repetition_penalty must be > 0"),
+    (["--prompt", PROMPT, "--max_new_tokens", "0"], "max_new_tokens must be in [1, 4096]"),
+    (["--prompt", PROMPT, "--max_new_tokens", "127"], "leaves no room for a prompt in the model's context of 128"),
+    (["--prompt", PROMPT, "--halt_threshold", "1.5"], "halt_threshold must be in [0, 1]"),
+    (["--prompt", PROMPT, "--max_new_tokens", "8", "--supervision_steps", "3"], "supervision_steps must be in [1, 2]"),
+    (["--prompt", PROMPT, "--num_return_sequences", "2", "--temperature", "0"], "greedy decoding"),
+    (["--prompt", PROMPT, "--max_new_tokens", "8", "--num_return_sequences", "2", "--stream"],
+     "streaming shows one sequence"),
+    (["--prompt", PROMPT, "--device", "cuda:7" if not torch.cuda.is_available() else "nonsense"], "device"),
+])
+def test_bad_input_is_one_clear_line(cli, capsys, tiny_model_dir, flags, message):  # noqa: F811
+    code, out, err = run_cli(cli, capsys, "--model", tiny_model_dir, *flags)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_stdin_prompt_must_be_utf8(cli, capsys, tiny_model_dir, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Tom saw \xff\xfe a cat\n")))
+    code, _, err = run_cli(cli, capsys, "--model", tiny_model_dir, "--prompt", "-")
+    assert code == 2 and "not valid UTF-8: byte 0xff at offset 8" in err
+
+
+def test_default_model_missing_says_to_pass_model(cli, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "REPO_ROOT", tmp_path)  # a checkout without checkpoints/
+    code, _, err = run_cli(cli, capsys, "--prompt", PROMPT)
+    assert code == 2
+    assert "checkpoints/trm-tinystories-small does not exist: pass --model" in err
+
+
+def test_settings_reject_nan_and_wrong_types():
+    for bad in (dict(top_p=math.nan), dict(max_new_tokens=2.5), dict(seed=-1), dict(temperature="hot"),
+                dict(max_new_tokens=True), dict(repetition_penalty=math.inf)):
+        with pytest.raises(ValueError):
+            GenerationSettings(**bad)
+    assert GenerationSettings(max_new_tokens=64.0).max_new_tokens == 64  # sliders send floats
+
+
+def run_script(*args, stdin=b""):
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    return subprocess.run([sys.executable, str(REPO_ROOT / "generate" / "generate.py"), *map(str, args)],
+                          input=stdin, capture_output=True, env=env, cwd=REPO_ROOT.parent, timeout=120)
+
+
+def test_subprocess_reads_stdin_and_prints_the_story(tiny_model_dir):  # noqa: F811
+    done = run_script("--model", tiny_model_dir, "--prompt", "-", "--max_new_tokens", 6, "--temperature", 0,
+                      stdin="Lily and Tom\n".encode())
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().startswith("Lily and Tom")  # the newline echo adds is not part of the prompt
+    assert done.stderr.decode() == ""
+
+
+def test_subprocess_error_has_no_traceback(broken_dirs):
+    done = run_script("--model", broken_dirs["truncated"], "--prompt", PROMPT)
+    err = done.stderr.decode()
+    assert done.returncode == 2
+    assert "Traceback" not in err and err.count("\n") == 1 and "truncated or corrupt" in err
+
+
+def test_closing_a_stream_early_stops_the_generation_thread(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    stream = stream_generate(model, tokenizer, PROMPT, GenerationSettings(max_new_tokens=120, temperature=1.0))
+    next(stream)
+    stream.close()  # what Gradio does when the page goes away or Stop is pressed
+    assert not [t for t in threading.enumerate() if t.name == "trm-lm-generate"]
+
+
+def test_any_causal_lm_generates_but_trm_controls_are_refused(cli, capsys, tiny_model_dir, tmp_path):  # noqa: F811
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=1, n_head=2,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    code, out, err = run_cli(cli, capsys, "--model", tmp_path, "--prompt", PROMPT, "--max_new_tokens", 5,
+                             "--stream", "--device", "cpu")
+    assert code == 0 and out.startswith(PROMPT), err
+    for flags in (["--halt_threshold", "0.5"], ["--show_steps"]):
+        code, _, err = run_cli(cli, capsys, "--model", tmp_path, "--prompt", PROMPT, "--max_new_tokens", 5, *flags)
+        assert code == 2 and "TRM" in err

@@ -1,0 +1,452 @@
+"""Text generation shared by the CLI (generate/generate.py) and the Gradio app (app.py).
+
+    model, tokenizer = load_model_and_tokenizer("checkpoints/trm-tinystories-small")   # or a Hub id
+    settings = GenerationSettings(max_new_tokens=100, temperature=0.8, seed=0)
+    print(generate_text(model, tokenizer, "Once upon a time", settings).text)
+    for piece in stream_generate(model, tokenizer, "Once upon a time", settings):
+        print(piece, end="", flush=True)
+
+Everything a user types is checked here, once, with messages that say what was wrong:
+  * model folders: missing, no config.json, pickle-only weights (refused: unpickling runs arbitrary
+    code, so only safetensors load), truncated or corrupt safetensors, missing tokenizer;
+  * prompts: empty, not UTF-8, longer than the context (cut from the left, with a warning saying how
+    many tokens went);
+  * sampling settings: ranges, NaN, and the TRM controls (halt threshold, supervision steps).
+
+Seeding: `seed` is applied (transformers.set_seed) right before `generate()`, in the thread that runs
+it, so streaming and non-streaming give the same text for the same seed. torch's RNG is global to
+the process: two generations sampling at the same time share it, which is why the app runs one
+generation at a time by default.
+
+Any causal LM loads and generates; the TRM-only controls raise a clear error on other models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import re
+import threading
+from collections.abc import Generator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+    set_seed,
+)
+
+logger = logging.getLogger(__name__)
+
+TRM_MODEL_TYPE = "trm_lm"
+MAX_NEW_TOKENS_LIMIT = 4096
+MAX_RETURN_SEQUENCES = 16
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+DECODE_KWARGS = dict(skip_special_tokens=True, clean_up_tokenization_spaces=False)
+# owner/name or name, as the Hub spells repository ids; anything else given as --model is a path
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def one_line(error: BaseException | str) -> str:
+    """An error message on one line (library messages often span several)."""
+    return " ".join(str(error).split())
+
+
+# ----------------------------------------------------------------------------------------------------
+# loading
+
+
+def default_model_path(repo_root: str | Path) -> Path:
+    """The model the CLI and the app use when none is given: checkpoints/trm-tinystories-small."""
+    path = Path(repo_root) / "checkpoints" / "trm-tinystories-small"
+    if not path.is_dir():
+        raise FileNotFoundError(f"no model given and the default model {path} does not exist: "
+                                "pass --model with a model folder or a Hugging Face Hub id")
+    return path
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """Check that `path` holds a loadable model folder (save_pretrained output) with safetensors weights."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model directory not found: {path}")
+    if not path.is_dir():
+        raise NotADirectoryError(f"expected a model directory (save_pretrained output), got a file: {path}")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a model folder written by save_pretrained")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ValueError(f"{path} has only pickle weights ({', '.join(pickles)}); refusing to load them, since "
+                             "unpickling can run arbitrary code. Re-save the model with save_pretrained (safetensors)")
+        raise FileNotFoundError(f"{path} has no weights (*.safetensors)")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, AttributeError) as error:
+            raise ValueError(f"{index} is not a valid safetensors index: {one_line(error)}") from error
+        missing = sorted(name for name in shards if not (path / name).is_file())
+        if missing:
+            raise FileNotFoundError(f"{path} is missing weight shards listed in its index: {', '.join(missing)}")
+    for file in weights:
+        try:
+            with safe_open(str(file), framework="pt"):  # reads and checks the header against the file size
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{file} is not a valid safetensors file (truncated or corrupt?): "
+                             f"{one_line(error)}") from error
+    return path
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' = cuda if available, else mps, else cpu; anything else must be a torch device that exists here."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"unknown device {device!r} (try 'auto', 'cpu', 'cuda', 'cuda:1', 'mps')") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for, but CUDA is not available on this machine")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} was asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} was asked for, but MPS is not available on this machine")
+    return resolved
+
+
+def load_model_and_tokenizer(name_or_path: str | Path, device: str = "auto", trust_remote_code: bool = False):
+    """Load a causal LM and its tokenizer from a folder or a Hub id (AutoModelForCausalLM / AutoTokenizer).
+
+    Returns (model in eval mode on `device`, tokenizer). Every failure is a FileNotFoundError, ValueError or
+    OSError whose message names the model and the reason.
+    """
+    name = str(name_or_path)
+    torch_device = resolve_device(device)
+    local = Path(name).expanduser()
+    if local.exists() or not _HUB_ID.match(name):
+        check_model_dir(local)
+        if not any((local / file).is_file() for file in TOKENIZER_FILES):
+            raise FileNotFoundError(f"{local} has no tokenizer ({' / '.join(TOKENIZER_FILES)}); "
+                                    "save the tokenizer next to the model with tokenizer.save_pretrained")
+        source, where = str(local), f"model folder {local}"
+    else:
+        source, where = name, f"{name!r} (no such local folder, so it was tried as a Hugging Face Hub id)"
+    try:  # the boundary with user-chosen files: whatever goes wrong in there is reported as "cannot load X"
+        model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as error:
+        raise OSError(f"could not load {where}: {type(error).__name__}: {one_line(error)}") from error
+    vocab_size = getattr(model.config, "vocab_size", None)
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ValueError(f"the tokenizer of {where} has {len(tokenizer)} tokens but the model's vocabulary has "
+                         f"{vocab_size}: they do not belong together")
+    return model.to(torch_device).eval(), tokenizer
+
+
+def is_trm(model) -> bool:
+    return getattr(model.config, "model_type", None) == TRM_MODEL_TYPE
+
+
+def context_length(model) -> int | None:
+    """How many positions the model can attend over (None if its config does not say)."""
+    for attribute in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(model.config, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# prompts and settings
+
+
+def validate_prompt(prompt: str | bytes) -> str:
+    """The prompt as text; ValueError if it is empty or not valid UTF-8."""
+    if isinstance(prompt, bytes):
+        try:
+            prompt = prompt.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"the prompt is not valid UTF-8: byte {prompt[error.start]:#04x} at offset "
+                             f"{error.start}") from error
+    if not isinstance(prompt, str):
+        raise ValueError(f"the prompt must be text, got {type(prompt).__name__}")
+    try:  # undecodable command-line bytes arrive as lone surrogates (Python's surrogateescape)
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"the prompt is not valid UTF-8 (undecodable input at character {error.start})") from error
+    if not prompt.strip():
+        raise ValueError("the prompt is empty: give some text to continue, e.g. 'Once upon a time'")
+    return prompt
+
+
+def _check_number(name: str, value, integer: bool = False) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if integer:
+        if value != int(value):
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+@dataclass
+class GenerationSettings:
+    """What to generate and how to sample it; checked on creation (ValueError with the field's name)."""
+
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0 = greedy decoding
+    top_k: int = 0  # 0 = off
+    top_p: float = 0.95  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off
+    num_return_sequences: int = 1
+    halt_threshold: float | None = None  # TRM per-token exit: None = the model's config, 0 = off, (0, 1] = on
+    supervision_steps: int | None = None  # TRM: run only the first k supervision steps; None = all
+    seed: int | None = None  # None = not reproducible
+
+    def __post_init__(self):
+        self.max_new_tokens = _check_number("max_new_tokens", self.max_new_tokens, integer=True)
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise ValueError(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {self.max_new_tokens}")
+        self.temperature = _check_number("temperature", self.temperature)
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        self.top_k = _check_number("top_k", self.top_k, integer=True)
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        self.top_p = _check_number("top_p", self.top_p)
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        self.repetition_penalty = _check_number("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        self.num_return_sequences = _check_number("num_return_sequences", self.num_return_sequences, integer=True)
+        if not 1 <= self.num_return_sequences <= MAX_RETURN_SEQUENCES:
+            raise ValueError(f"num_return_sequences must be in [1, {MAX_RETURN_SEQUENCES}], "
+                             f"got {self.num_return_sequences}")
+        if self.num_return_sequences > 1 and self.temperature == 0:
+            raise ValueError("greedy decoding (temperature 0) gives one sequence: set temperature > 0 "
+                             "to sample several")
+        if self.halt_threshold is not None:
+            self.halt_threshold = _check_number("halt_threshold", self.halt_threshold)
+            if not 0 <= self.halt_threshold <= 1:
+                raise ValueError(f"halt_threshold must be in [0, 1] (0 = off), got {self.halt_threshold}")
+        if self.supervision_steps is not None:
+            self.supervision_steps = _check_number("supervision_steps", self.supervision_steps, integer=True)
+            if self.supervision_steps < 1:
+                raise ValueError(f"supervision_steps must be >= 1, got {self.supervision_steps}")
+        if self.seed is not None:
+            self.seed = _check_number("seed", self.seed, integer=True)
+            if not 0 <= self.seed < 2**32:
+                raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+
+
+@dataclass
+class EncodedPrompt:
+    """A prompt as model input: (1, T) ids, BOS first when the tokenizer has one, cut to fit the context."""
+
+    input_ids: torch.LongTensor  # (1, T)
+    total_tokens: int  # before truncation (BOS included)
+    dropped_tokens: int
+    context_length: int | None
+
+    @property
+    def warning(self) -> str | None:
+        if not self.dropped_tokens:
+            return None
+        return (f"the prompt is {self.total_tokens} tokens; dropped its first {self.dropped_tokens} so that the prompt "
+                f"and the new tokens fit the model's context of {self.context_length} tokens")
+
+
+def encode_prompt(tokenizer, prompt: str | bytes, max_new_tokens: int, context: int | None) -> EncodedPrompt:
+    """Tokenize `prompt` after a BOS (how training saw every document start); keep its end if it is too long."""
+    prompt = validate_prompt(prompt)
+    ids = tokenizer(prompt, add_special_tokens=True, verbose=False)["input_ids"]  # we warn about length ourselves
+    bos = tokenizer.bos_token_id
+    prefix = [bos] if bos is not None else []
+    if bos is not None and ids and ids[0] == bos:  # tokenizers like Llama's add it themselves
+        ids = ids[1:]
+    if not ids:
+        raise ValueError(f"the prompt {prompt!r} encodes to no tokens")
+    total = len(prefix) + len(ids)
+    dropped = 0
+    if context is not None:
+        room = context - max_new_tokens - len(prefix)
+        if room < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of "
+                             f"{context} tokens: use max_new_tokens <= {context - len(prefix) - 1}")
+        dropped = max(0, len(ids) - room)
+        ids = ids[dropped:]
+    input_ids = torch.tensor([prefix + ids], dtype=torch.long)
+    return EncodedPrompt(input_ids=input_ids, total_tokens=total, dropped_tokens=dropped, context_length=context)
+
+
+def prepare_prompt(model, tokenizer, prompt, settings: GenerationSettings) -> EncodedPrompt:
+    """`prompt` encoded for `model` (an EncodedPrompt passes through); a truncation is logged as a warning."""
+    if isinstance(prompt, EncodedPrompt):
+        return prompt
+    encoded = encode_prompt(tokenizer, prompt, settings.max_new_tokens, context_length(model))
+    if encoded.warning:
+        logger.warning(encoded.warning)
+    return encoded
+
+
+def generate_kwargs(model, tokenizer, settings: GenerationSettings) -> dict:
+    """Keyword arguments for `model.generate` and `model.inspect`: a GenerationConfig plus the TRM controls.
+
+    The sampling settings travel inside `generation_config` (generate() fills what it leaves unset from
+    the model's own generation_config.json): inspect() has a `top_k` argument of its own, the number of
+    predictions it reports, which a top-k sampling keyword would collide with.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config = dict(max_new_tokens=settings.max_new_tokens, num_return_sequences=settings.num_return_sequences,
+                  repetition_penalty=settings.repetition_penalty, pad_token_id=pad)
+    if settings.temperature == 0:
+        config["do_sample"] = False
+    else:  # top_k=0 must be given: left unset, generate() applies its global default of 50
+        config.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    kwargs = dict(generation_config=GenerationConfig(**config))
+    if settings.halt_threshold is None and settings.supervision_steps is None:
+        return kwargs
+    if not is_trm(model):
+        raise ValueError(f"halt_threshold and supervision_steps are TRM controls; this model is "
+                         f"{getattr(model.config, 'model_type', type(model).__name__)!r}")
+    if settings.halt_threshold is not None:
+        kwargs["halt_threshold"] = settings.halt_threshold or None  # 0 = off = None for the model
+    if settings.supervision_steps is not None:
+        available = model.config.supervision_steps
+        if settings.supervision_steps > available:
+            raise ValueError(f"supervision_steps must be in [1, {available}] for this model "
+                             f"(it was trained with {available}), got {settings.supervision_steps}")
+        kwargs["supervision_steps"] = settings.supervision_steps
+    return kwargs
+
+
+# ----------------------------------------------------------------------------------------------------
+# generating
+
+
+@dataclass
+class GenerationResult:
+    prompt: EncodedPrompt
+    token_ids: list[list[int]]  # new tokens of each sequence, up to and including the first EOS
+    texts: list[str]  # their decoded text (special tokens skipped)
+    records: list[dict] | None = None  # model.inspect() output, when stream_generate(trace_top_k=k) asked for it
+
+    @property
+    def text(self) -> str:
+        return self.texts[0]
+
+
+def decode_new_tokens(tokenizer, token_ids: list[int]) -> str:
+    """Generated ids -> text, exactly as the streamer decodes them."""
+    return tokenizer.decode(token_ids, **DECODE_KWARGS)
+
+
+def _result(tokenizer, encoded: EncodedPrompt, rows: list[list[int]], records=None) -> GenerationResult:
+    eos = tokenizer.eos_token_id
+    trimmed = [row[: row.index(eos) + 1] if eos in row else row for row in rows]  # drop the padding after EOS
+    return GenerationResult(encoded, trimmed, [decode_new_tokens(tokenizer, row) for row in trimmed], records)
+
+
+@torch.no_grad()
+def generate_text(model, tokenizer, prompt: str | bytes | EncodedPrompt,
+                  settings: GenerationSettings) -> GenerationResult:
+    """Generate `settings.num_return_sequences` continuations of `prompt` in one call."""
+    encoded = prepare_prompt(model, tokenizer, prompt, settings)
+    kwargs = generate_kwargs(model, tokenizer, settings)
+    input_ids = encoded.input_ids.to(model.device)
+    if settings.seed is not None:
+        set_seed(settings.seed)
+    sequences = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)  # (R, T + new)
+    return _result(tokenizer, encoded, sequences[:, input_ids.shape[1]:].tolist())
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Stops generation once `event` is set: the reader of a stream went away."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def stream_generate(model, tokenizer, prompt: str | bytes | EncodedPrompt, settings: GenerationSettings,
+                    trace_top_k: int = 0) -> Generator[str, None, GenerationResult]:
+    """A generator of the new text, piece by piece as it is generated, that returns a GenerationResult.
+
+        stream = stream_generate(model, tokenizer, "Once upon a time", settings)   # checks everything now
+        result = yield from stream   # inside another generator; or catch StopIteration.value
+
+    `generate()` runs in a thread that feeds a TextIteratorStreamer. With `trace_top_k=k` (TRM models)
+    the thread runs `model.inspect(top_k=k)` instead, which streams the same generation and then adds
+    the per-token supervision-step records to the result. Closing the generator early stops generating.
+    """
+    if settings.num_return_sequences != 1:
+        raise ValueError("streaming shows one sequence: use num_return_sequences=1")
+    if trace_top_k and not hasattr(model, "inspect"):
+        raise ValueError(f"per-step traces need a TRM model with inspect(); this model is {type(model).__name__}")
+    encoded = prepare_prompt(model, tokenizer, prompt, settings)
+    kwargs = generate_kwargs(model, tokenizer, settings)  # bad settings raise here, before anything is printed
+    return _stream(model, tokenizer, encoded, kwargs, settings.seed, trace_top_k)
+
+
+def _stream(model, tokenizer, encoded: EncodedPrompt, kwargs: dict, seed: int | None, trace_top_k: int):
+    input_ids = encoded.input_ids.to(model.device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, **DECODE_KWARGS)
+    reader_gone = threading.Event()
+    kwargs = dict(kwargs, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                  stopping_criteria=StoppingCriteriaList([_StopWhenSet(reader_gone)]))
+    outcome = {}
+
+    def run():
+        try:
+            if seed is not None:
+                set_seed(seed)
+            if trace_top_k:
+                outcome["records"] = model.inspect(input_ids, top_k=trace_top_k, **kwargs)
+            else:
+                outcome["sequences"] = model.generate(input_ids, **kwargs)
+        except BaseException as error:  # handed to the reader, who re-raises it
+            outcome["error"] = error
+            streamer.end()  # unblock the reader
+
+    thread = threading.Thread(target=run, name="trm-lm-generate", daemon=True)
+    thread.start()
+    try:
+        for piece in streamer:
+            if piece:
+                yield piece
+    finally:
+        reader_gone.set()
+        thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    if trace_top_k:
+        records = outcome["records"]
+        return _result(tokenizer, encoded, [[record["token_id"] for record in records]], records)
+    return _result(tokenizer, encoded, outcome["sequences"][:, input_ids.shape[1]:].tolist())
+
+
+__all__ = [
+    "GenerationSettings", "EncodedPrompt", "GenerationResult", "load_model_and_tokenizer", "check_model_dir",
+    "default_model_path", "resolve_device", "validate_prompt", "encode_prompt", "context_length", "is_trm",
+    "prepare_prompt", "generate_kwargs", "generate_text", "stream_generate", "decode_new_tokens", "one_line",
+]
