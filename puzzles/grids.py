@@ -282,6 +282,19 @@ class PuzzleExampleDataset(torch.utils.data.Dataset):
 DIHEDRAL_INVERSE = (0, 3, 2, 1, 4, 5, 6, 7)
 
 
+def load_hrm_arrays(folder: str | os.PathLike, split: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, labels) (N, cells) from an HRM/TRM-format folder: `<folder>/<split>/all__{inputs,labels}.npy`."""
+    split_dir = Path(folder) / split
+    paths = [split_dir / "all__inputs.npy", split_dir / "all__labels.npy"]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{what} folder {folder}: missing {missing}")
+    inputs, labels = (np.load(p) for p in paths)
+    if inputs.ndim != 2 or inputs.shape != labels.shape:
+        raise ValueError(f"{split_dir}: inputs {inputs.shape} and labels {labels.shape} must both be (N, cells)")
+    return inputs, labels
+
+
 def dihedral_transform(grid: np.ndarray, tid: int) -> np.ndarray:
     """Apply symmetry `tid` to the last two axes of `grid` (works on single grids and batches)."""
     if tid in (1, 2, 3):

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .grids import BLANK_IDENTIFIER, DEFAULT_DATA_ROOT, SplitBuilder, dihedral_transform, write_dataset
+from .grids import BLANK_IDENTIFIER, DEFAULT_DATA_ROOT, SplitBuilder, dihedral_transform, load_hrm_arrays, write_dataset
 
 CHARSET = "# SGo"
 PAD, WALL, OPEN, START, GOAL, PATH = 0, 1, 2, 3, 4, 5
@@ -96,13 +96,7 @@ def check_paths(inputs: np.ndarray, preds: np.ndarray, grid_shape: tuple[int, in
 def load_hrm_maze(folder: str | os.PathLike = MAZE_DIR, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """(inputs, labels) uint8 (N, H*W) from `<folder>/<split>/all__{inputs,labels}.npy`, with format checks."""
     split_dir = Path(folder) / split
-    paths = [split_dir / "all__inputs.npy", split_dir / "all__labels.npy"]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"maze folder {folder}: missing {missing}")
-    inputs, labels = (np.load(p) for p in paths)
-    if inputs.ndim != 2 or inputs.shape != labels.shape:
-        raise ValueError(f"{split_dir}: inputs {inputs.shape} and labels {labels.shape} must both be (N, cells)")
+    inputs, labels = load_hrm_arrays(folder, split, "maze")
     if inputs.min() < WALL or inputs.max() > GOAL:
         raise ValueError(f"{split_dir}: input tokens must be 1..4 (no path marks), got [{inputs.min()}, {inputs.max()}]")
     if labels.min() < WALL or labels.max() > PATH:

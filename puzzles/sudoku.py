@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .grids import BLANK_IDENTIFIER, DEFAULT_DATA_ROOT, PuzzleSplit, SplitBuilder, write_dataset
+from .grids import BLANK_IDENTIFIER, DEFAULT_DATA_ROOT, PuzzleSplit, SplitBuilder, load_hrm_arrays, write_dataset
 
 PAD_TOKEN, BLANK_TOKEN = 0, 1
 BLANK_CHARS = ".0"
@@ -350,13 +350,7 @@ def from_tokens(tokens: np.ndarray, shape: SudokuShape | None = None) -> np.ndar
 def load_hrm_sudoku(folder: str | os.PathLike = SUDOKU_EXTREME_DIR, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """(puzzles, solutions) digit grids (N, 9, 9) from an HRM-format folder (`<folder>/<split>/all__{inputs,labels}.npy`)."""
     split_dir = Path(folder) / split
-    paths = [split_dir / "all__inputs.npy", split_dir / "all__labels.npy"]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"HRM sudoku folder {folder}: missing {missing}")
-    inputs, labels = (np.load(p) for p in paths)
-    if inputs.shape != labels.shape or inputs.ndim != 2:
-        raise ValueError(f"{split_dir}: inputs {inputs.shape} and labels {labels.shape} must both be (N, cells)")
+    inputs, labels = load_hrm_arrays(folder, split, "HRM sudoku")
     if labels.min() < 2:
         raise ValueError(f"{split_dir}: labels contain blank/PAD tokens, so they are not full solutions")
     return from_tokens(inputs), from_tokens(labels)
