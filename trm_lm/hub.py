@@ -2,6 +2,8 @@
 
     python -m trm_lm.hub push --model runs/trm-tinystories-small --repo_id user/trm-tinystories-small \
         [--private] [--token hf_...] [--datasets roneneldan/TinyStories]
+    python -m trm_lm.hub export --model outputs/study/trm --output checkpoints/trm-tinystories-small \
+        --dtype bfloat16 --samples 3          # the same folder, written locally (how the shipped model is made)
 
 What is uploaded is what loads here: the model and tokenizer are loaded from the folder (safetensors only,
 checked by trm_lm.generation), saved again with `save_pretrained` into a staging folder (which writes the
@@ -19,10 +21,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 from huggingface_hub import CommitInfo, HfApi, ModelCard
 from huggingface_hub.utils import validate_repo_id
 
-from .generation import load_model_and_tokenizer, one_line
+from .generation import GenerationSettings, generate_text, load_model_and_tokenizer, one_line
 from .model_card import render_model_card
 
 RESULTS_FILE = "results.json"  # trm_lm.training: {"metrics": {...}, "command": ..., "steps": ..., ...}
@@ -67,15 +70,37 @@ def build_model_card(model_dir: str | Path, repo_id: str, custom_code: bool = Tr
 
 
 def stage_upload(model_dir: str | Path, staging_dir: str | Path, repo_id: str, datasets: list[str] | None = None,
-                 data_description: str | None = None) -> list[str]:
-    """Write what will be uploaded into `staging_dir`; return the file names."""
+                 data_description: str | None = None, dtype: str | None = None, samples: int = 0) -> list[str]:
+    """Write what will be uploaded into `staging_dir`; return the file names.
+
+    dtype: cast the weights before saving ("bfloat16", "float16", "float32"; None keeps them).
+    samples: append this many sample stories (seeded, from "Once upon a time") to the model card.
+    """
     staging_dir = Path(staging_dir)
     model, tokenizer = load_model_and_tokenizer(model_dir, device="cpu")  # checks the folder first
+    card = build_model_card(model_dir, repo_id, bool(getattr(model.config, "auto_map", None)), datasets,
+                            data_description)
+    if samples:
+        card = ModelCard(card.content.rstrip("\n") + "\n\n" + sample_stories(model, tokenizer, samples))
+    if dtype is not None:
+        if dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
+        model = model.to(getattr(torch, dtype))
     model.save_pretrained(staging_dir)
     tokenizer.save_pretrained(staging_dir)
-    custom_code = bool(getattr(model.config, "auto_map", None))
-    build_model_card(model_dir, repo_id, custom_code, datasets, data_description).save(staging_dir / "README.md")
+    card.save(staging_dir / "README.md")
     return sorted(path.name for path in staging_dir.iterdir() if path.is_file())
+
+
+def sample_stories(model, tokenizer, count: int, prompt: str = "Once upon a time", max_new_tokens: int = 160) -> str:
+    """A Markdown section of `count` seeded samples (temperature 0.8, top-p 0.95), for the model card."""
+    lines = ["## Sample stories", "",
+             f'Prompt "{prompt}", temperature 0.8, top-p 0.95, {max_new_tokens} new tokens, seeds 0..{count - 1}:', ""]
+    for seed in range(count):
+        settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.8, top_p=0.95, seed=seed)
+        text = generate_text(model, tokenizer, prompt, settings).texts[0]
+        lines += [f"**seed {seed}:** {prompt}{text}".replace("\n", " "), ""]
+    return "\n".join(lines)
 
 
 def push_to_hub(model_dir: str | Path, repo_id: str, private: bool = False, token: str | None = None,
@@ -106,11 +131,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     push.add_argument("--revision", default=None, help="branch to push to (default: main)")
     push.add_argument("--datasets", nargs="*", default=None, help="Hub dataset ids for the card's metadata")
     push.add_argument("--data_description", default=None, help="free text about the training data, for the card")
+    export = commands.add_parser("export", help="write the folder `push` would upload to a local directory")
+    export.add_argument("--model", required=True, help="model folder (save_pretrained output, safetensors)")
+    export.add_argument("--output", required=True, help="where to write it (must not exist or be empty)")
+    export.add_argument("--name", default=None, help="model name for the card (default: the output folder's name)")
+    export.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    export.add_argument("--samples", type=int, default=3, help="sample stories to put in the card")
+    export.add_argument("--datasets", nargs="*", default=None)
+    export.add_argument("--data_description", default=None)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.command == "export":
+        output = Path(args.output)
+        if output.exists() and any(output.iterdir()):
+            print(f"error: {output} exists and is not empty", file=sys.stderr)
+            return 2
+        try:
+            files = stage_upload(args.model, output, args.name or output.name, args.datasets, args.data_description,
+                                 dtype=args.dtype, samples=args.samples)
+        except (ValueError, OSError) as error:
+            print(f"error: {one_line(error)}", file=sys.stderr)
+            return 2
+        print(f"exported {args.model} to {output}: {', '.join(files)}")
+        return 0
     try:
         commit = push_to_hub(args.model, args.repo_id, private=args.private, token=args.token,
                              commit_message=args.commit_message, revision=args.revision, datasets=args.datasets,
@@ -122,7 +168,7 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["push_to_hub", "stage_upload", "build_model_card", "read_run_results"]
+__all__ = ["push_to_hub", "stage_upload", "build_model_card", "read_run_results", "sample_stories"]
 
 if __name__ == "__main__":
     sys.exit(main())
