@@ -12,6 +12,8 @@ One supervision step applies the network T * (n + 1) times; a token that runs ev
 `num_hidden_layers` (what `generate()` sizes its cache with) is derived, never set by hand.
 """
 
+import math
+
 from transformers import PreTrainedConfig
 
 _NORM_POSITIONS = ("post", "pre")
@@ -93,12 +95,32 @@ class TRMConfig(PreTrainedConfig):
                                  "use mixer='attention' for language modelling")
             if not isinstance(self.sequence_length, int) or self.sequence_length < 1:
                 raise ValueError("mixer='mlp' needs a fixed sequence_length (a positive integer)")
-        if self.halt_threshold is not None and not 0.0 < float(self.halt_threshold) <= 1.0:
+        halt = self.halt_threshold
+        if halt is not None and not (_is_number(halt) and 0.0 < halt <= 1.0):
             raise ValueError(f"TRMConfig.halt_threshold must be in (0, 1] or None, got {self.halt_threshold!r}")
-        if not 0.0 <= self.embedding_dropout < 1.0:
+        if not (_is_number(self.embedding_dropout) and 0.0 <= self.embedding_dropout < 1.0):
             raise ValueError(f"TRMConfig.embedding_dropout must be in [0, 1), got {self.embedding_dropout!r}")
-        if self.halt_loss_weight < 0:
+        if not (_is_number(self.halt_loss_weight) and 0 <= self.halt_loss_weight < math.inf):
             raise ValueError(f"TRMConfig.halt_loss_weight must be >= 0, got {self.halt_loss_weight!r}")
+        for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            if not (_is_number(value) and 0 < value < math.inf) and not (name == "initializer_range" and value is None):
+                raise ValueError(f"TRMConfig.{name} must be a positive finite number, got {value!r}")
+        for name in ("causal", "tie_word_embeddings", "use_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TRMConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            ids = getattr(self, name)
+            for token_id in ids if isinstance(ids, list) else [ids]:
+                if token_id is not None and not (isinstance(token_id, int) and not isinstance(token_id, bool)
+                                                 and 0 <= token_id < self.vocab_size):
+                    raise ValueError(f"TRMConfig.{name} must be None or a token id in [0, {self.vocab_size}), "
+                                     f"got {ids!r}")
+
+
+def _is_number(value) -> bool:
+    """A real number given as one (a JSON string or a bool is not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -68,6 +68,17 @@ def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
             yield line_number, _decode_line(raw, path, line_number)
 
 
+def _json_loads(text: str, where: str, line_of_error: bool = False):
+    """json.loads, every failure a ValueError naming `where` (and the line of the error if line_of_error)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        line = f" line {err.lineno}" if line_of_error else ""
+        raise ValueError(f"{where}{line}: invalid JSON ({err.msg} at column {err.colno})") from None
+    except (ValueError, RecursionError) as err:  # an integer of over 4300 digits; nesting deeper than the stack
+        raise ValueError(f"{where}: invalid JSON ({' '.join(str(err).split())})") from None
+
+
 def _check_record(record, where: str, text_column: str) -> str:
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object with a {text_column!r} field, got {type(record).__name__}")
@@ -76,6 +87,11 @@ def _check_record(record, where: str, text_column: str) -> str:
     text = record[text_column]
     if not isinstance(text, str):
         raise ValueError(f"{where}: field {text_column!r} must be a string, got {type(text).__name__}")
+    try:  # a JSON escape can spell a lone surrogate (\ud800), which is not text
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{where}: field {text_column!r} holds a lone surrogate (\\u{ord(text[err.start]):04x}) "
+                         f"at character {err.start}: not valid Unicode text") from None
     return text
 
 
@@ -98,11 +114,8 @@ def _iter_jsonl(path: Path, text_column: str) -> Iterator[str]:
     for line_number, line in _iter_lines(path):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} line {line_number}: invalid JSON ({err.msg} at column {err.colno})") from None
-        yield _check_record(record, f"{path} line {line_number}", text_column)
+        where = f"{path} line {line_number}"
+        yield _check_record(_json_loads(line, where), where, text_column)
 
 
 def _iter_json(path: Path, text_column: str) -> Iterator[str]:
@@ -112,10 +125,7 @@ def _iter_json(path: Path, text_column: str) -> Iterator[str]:
         yield from _iter_jsonl(path, text_column)
         return
     text = "".join(line for _, line in _iter_lines(path))
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} line {err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+    records = _json_loads(text, str(path), line_of_error=True)
     for index, record in enumerate(records):
         yield _check_record(record, f"{path} item {index}", text_column)
 

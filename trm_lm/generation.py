@@ -50,6 +50,12 @@ logger = logging.getLogger(__name__)
 TRM_MODEL_TYPE = "trm_lm"
 MAX_NEW_TOKENS_LIMIT = 4096
 MAX_RETURN_SEQUENCES = 16
+# logits / temperature (and / repetition_penalty) must stay finite in float32: below these, 0 = greedy / 1 = off
+MIN_TEMPERATURE = 1e-3
+MIN_REPETITION_PENALTY = 1e-3
+# safetensors' names of the integer dtypes -> torch's
+INTEGER_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32",
+                  "I32": "int32", "U64": "uint64", "I64": "int64"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 DECODE_KWARGS = dict(skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -95,19 +101,33 @@ def check_model_dir(path: str | Path) -> Path:
     if index.is_file():
         try:
             shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (ValueError, KeyError, AttributeError) as error:
+            if not all(isinstance(name, str) for name in shards):
+                raise ValueError("weight_map values must be file names")
+        except (ValueError, KeyError, AttributeError, TypeError, RecursionError) as error:
             raise ValueError(f"{index} is not a valid safetensors index: {one_line(error)}") from error
         missing = sorted(name for name in shards if not (path / name).is_file())
         if missing:
             raise FileNotFoundError(f"{path} is missing weight shards listed in its index: {', '.join(missing)}")
     for file in weights:
         try:
-            with safe_open(str(file), framework="pt"):  # reads and checks the header against the file size
-                pass
+            with safe_open(str(file), framework="pt") as tensors:  # reads and checks the header against the file size
+                dtypes = {key: tensors.get_slice(key).get_dtype() for key in tensors.keys()}
         except (SafetensorError, OSError) as error:
             raise ValueError(f"{file} is not a valid safetensors file (truncated or corrupt?): "
                              f"{one_line(error)}") from error
+        integer = sorted(key for key, dtype in dtypes.items() if dtype in INTEGER_DTYPES)
+        if integer and not _is_quantized(path):  # from_pretrained would cast them to float silently (0.03 -> 0)
+            raise ValueError(f"{file} stores {integer[0]} as {INTEGER_DTYPES[dtypes[integer[0]]]} "
+                             f"({len(integer)} integer tensor(s) in all) but the model is not quantized: "
+                             "re-save it with save_pretrained from a floating-point model")
     return path
+
+
+def _is_quantized(path: Path) -> bool:
+    try:
+        return "quantization_config" in json.loads((path / "config.json").read_text())
+    except (ValueError, TypeError, RecursionError):  # an unreadable config.json is reported when it is loaded
+        return False
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -120,6 +140,8 @@ def resolve_device(device: str = "auto") -> torch.device:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"unknown device {device!r} (try 'auto', 'cpu', 'cuda', 'cuda:1', 'mps')") from error
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {device!r} (try 'auto', 'cpu', 'cuda', 'cuda:1', 'mps')")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was asked for, but CUDA is not available on this machine")
     if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
@@ -147,10 +169,24 @@ def load_model_and_tokenizer(name_or_path: str | Path, device: str = "auto", tru
     else:
         source, where = name, f"{name!r} (no such local folder, so it was tried as a Hugging Face Hub id)"
     try:  # the boundary with user-chosen files: whatever goes wrong in there is reported as "cannot load X"
-        model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, trust_remote_code=trust_remote_code)
+        # mismatched sizes are reported below by name (transformers' own error points at a log we silence)
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            source, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True,
+            ignore_mismatched_sizes=True)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as error:
         raise OSError(f"could not load {where}: {type(error).__name__}: {one_line(error)}") from error
+    problems = [f"{key} is missing" for key in sorted(loading["missing_keys"])]
+    problems += [f"{key} has shape {tuple(saved)}, the model needs {tuple(needed)}"
+                 for key, saved, needed in sorted(loading["mismatched_keys"])]
+    if problems:  # transformers would go on with randomly initialised weights
+        raise ValueError(f"the checkpoint of {where} does not fit its config: {'; '.join(problems[:3])}"
+                         + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
+    broken = [name for name, tensor in model.state_dict().items()
+              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:
+        raise ValueError(f"the weights of {where} hold NaN or inf values ({', '.join(broken[:3])}"
+                         f"{', ...' if len(broken) > 3 else ''}): the checkpoint is corrupt or training diverged")
     vocab_size = getattr(model.config, "vocab_size", None)
     if vocab_size is not None and len(tokenizer) > vocab_size:
         raise ValueError(f"the tokenizer of {where} has {len(tokenizer)} tokens but the model's vocabulary has "
@@ -227,6 +263,8 @@ class GenerationSettings:
         self.temperature = _check_number("temperature", self.temperature)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {self.temperature}")
         self.top_k = _check_number("top_k", self.top_k, integer=True)
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
@@ -236,6 +274,9 @@ class GenerationSettings:
         self.repetition_penalty = _check_number("repetition_penalty", self.repetition_penalty)
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if self.repetition_penalty < MIN_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be at least {MIN_REPETITION_PENALTY} (1 = off), "
+                             f"got {self.repetition_penalty}")
         self.num_return_sequences = _check_number("num_return_sequences", self.num_return_sequences, integer=True)
         if not 1 <= self.num_return_sequences <= MAX_RETURN_SEQUENCES:
             raise ValueError(f"num_return_sequences must be in [1, {MAX_RETURN_SEQUENCES}], "
@@ -403,6 +444,9 @@ def stream_generate(model, tokenizer, prompt: str | bytes | EncodedPrompt, setti
         raise ValueError("streaming shows one sequence: use num_return_sequences=1")
     if trace_top_k and not hasattr(model, "inspect"):
         raise ValueError(f"per-step traces need a TRM model with inspect(); this model is {type(model).__name__}")
+    if trace_top_k and not 1 <= trace_top_k <= model.config.vocab_size:
+        raise ValueError(f"top_k (predictions shown per step) must be in [1, {model.config.vocab_size}] "
+                         f"(the vocabulary size), got {trace_top_k}")
     encoded = prepare_prompt(model, tokenizer, prompt, settings)
     kwargs = generate_kwargs(model, tokenizer, settings)  # bad settings raise here, before anything is printed
     return _stream(model, tokenizer, encoded, kwargs, settings.seed, trace_top_k)

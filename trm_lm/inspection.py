@@ -88,8 +88,9 @@ def trace_generation(model, tokenizer, prompt: str | bytes | EncodedPrompt, sett
     """inspect_generation with the settings given as one GenerationSettings (what the CLI uses)."""
     if not is_trm(model) or not hasattr(model, "inspect"):
         raise ValueError(f"inspection needs a TRM model (model_type 'trm_lm'); got {type(model).__name__}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k (predictions shown per step) must be a positive integer, got {top_k!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= model.config.vocab_size:
+        raise ValueError(f"top_k (predictions shown per step) must be in [1, {model.config.vocab_size}] "
+                         f"(the vocabulary size), got {top_k!r}")
     if settings.num_return_sequences != 1:
         raise ValueError("inspection follows one sequence: use num_return_sequences=1")
     encoded = prepare_prompt(model, tokenizer, prompt, settings)
