@@ -1,7 +1,7 @@
 """The TRM-vs-transformer study on TinyStories: score trained arms, draw the curves, write the tables.
 
 Train the arms first (same data, tokenizer and schedule; see docs/results.md):
-    python train/train_lm.py --config train/configs/tinystories-cpu.yaml          # (a) TRM  -> outputs/study/trm
+    python train/train_lm.py --config train/configs/tinystories-cpu.yaml          # (a) TRM -> outputs/tinystories-cpu
     python train/train_lm.py --config train/configs/study-llama-params.yaml       # (b) Llama, same parameters
     python train/train_lm.py --config train/configs/study-llama-flops.yaml        # (c) Llama, same FLOPs/token
     python train/train_lm.py --config train/configs/study-trm-shallow.yaml        # (d) TRM, T=1, n=1
@@ -32,7 +32,7 @@ import trm_lm  # noqa: E402,F401  (registers the TRM classes)
 from trm_lm.data import read_documents  # noqa: E402
 from trm_lm.evaluate import bits_per_byte  # noqa: E402
 
-ARMS = {
+ARMS = {  # arm -> label; its run lives in outputs/study/<arm>, except the TRM arm (the shipped model's run)
     "trm": "(a) TRM, n=2 T=2 N_sup=2",
     "llama-params": "(b) Llama, same parameters",
     "llama-flops": "(c) Llama, same FLOPs/token",
@@ -135,6 +135,7 @@ def plot(results: dict, out_dir: Path) -> list[str]:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default=str(REPO / "outputs" / "study"))
+    parser.add_argument("--trm_run", default=str(REPO / "outputs" / "tinystories-cpu"))
     parser.add_argument("--arms", nargs="+", default=list(ARMS))
     parser.add_argument("--validation_file", default=str(REPO.parent / "shared" / "data" / "tinystories" /
                                                          "valid.jsonl"))
@@ -146,7 +147,7 @@ def main(argv=None):
     results = {"validation_file": Path(args.validation_file).name, "documents": len(documents),
                "threads": torch.get_num_threads(), "arms": [], "act_documents": args.act_documents}
     for arm in args.arms:
-        run = Path(args.runs) / arm
+        run = Path(args.trm_run) if arm == "trm" else Path(args.runs) / arm
         if not (run / "model.safetensors").exists():
             print(f"{arm}: no trained model in {run}, skipped", flush=True)
             continue

@@ -29,3 +29,30 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"../shared/data is absent next to the checkout ({SHARED_DATA}); data-dependent test skipped")
     return SHARED_DATA
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a small shared CPU, oversubscribed threads make tiny models crawl."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def stories(shared_data):
+    """The 1,000 real validation stories."""
+    from trm_lm.data import read_documents
+
+    return read_documents(shared_data / "tinystories" / "valid.jsonl")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(stories):
+    """A small byte-level BPE trained on 300 of them."""
+    from trm_lm.data import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(stories[:300], vocab_size=512)

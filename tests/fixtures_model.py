@@ -95,3 +95,25 @@ def running_app(model_dir: Path, **build_kwargs):
         yield f"http://127.0.0.1:{port}/", model, tokenizer
     finally:
         demo.close()
+
+
+@pytest.fixture(scope="module")
+def cli():
+    """generate/generate.py as a module (its main(argv) is the CLI)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    yield load_script("generate/generate.py")
+    hf_logging.set_verbosity(verbosity)  # main() silences transformers; give the rest of the session its logs back
+
+
+@pytest.fixture(scope="module")
+def app(tiny_model_dir):
+    with running_app(tiny_model_dir) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    gradio_client = pytest.importorskip("gradio_client")
+    return gradio_client.Client(app[0], verbose=False)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from fixtures_model import load_script, running_app, tiny_model_dir  # noqa: F401
+from fixtures_model import app, client, load_script, running_app, tiny_model_dir  # noqa: F401
 from transformers import GenerationConfig, set_seed
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -15,15 +15,6 @@ PROMPT = "Once upon a time"
 SETTINGS = (0.9, 0.95, 20, 0.5, 2, 11)
 
 
-@pytest.fixture(scope="module")
-def app(tiny_model_dir):  # noqa: F811
-    with running_app(tiny_model_dir) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(app):
-    return gradio_client.Client(app[0], verbose=False)
 
 
 def test_generate_returns_story_and_depth_matching_model_inspect(app, client):

@@ -15,18 +15,7 @@ from trm_lm.data import (
     load_or_train_tokenizer,
     load_text_datasets,
     read_documents,
-    train_bpe_tokenizer,
 )
-
-
-@pytest.fixture(scope="module")
-def stories(shared_data):
-    return read_documents(shared_data / "tinystories" / "valid.jsonl")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(stories):
-    return train_bpe_tokenizer(stories[:300], vocab_size=512)
 
 
 def write_jsonl(path, texts):

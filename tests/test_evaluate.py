@@ -10,20 +10,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from trm_lm.data import read_documents, train_bpe_tokenizer
 from trm_lm.evaluate import bits_per_byte, main, sliding_windows
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def stories(shared_data):
-    return read_documents(shared_data / "tinystories" / "valid.jsonl")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(stories):
-    return train_bpe_tokenizer(stories[:300], vocab_size=512)
 
 
 def tiny_llama(tokenizer, seed=0):

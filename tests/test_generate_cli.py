@@ -14,9 +14,8 @@ import threading
 
 import pytest
 import torch
-from fixtures_model import REPO_ROOT, load_script, tiny_model_dir  # noqa: F401
+from fixtures_model import REPO_ROOT, cli, load_script, tiny_model_dir  # noqa: F401
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel, set_seed
-from transformers.utils import logging as hf_logging
 
 from trm_lm.generation import GenerationSettings, encode_prompt, generate_text, stream_generate
 from trm_lm.inspection import StepPrediction, TokenTrace, format_trace_table, inspect_generation
@@ -24,11 +23,6 @@ from trm_lm.inspection import StepPrediction, TokenTrace, format_trace_table, in
 PROMPT = "Once upon a time"
 
 
-@pytest.fixture(scope="module")
-def cli():
-    verbosity = hf_logging.get_verbosity()
-    yield load_script("generate/generate.py")
-    hf_logging.set_verbosity(verbosity)  # main() silences transformers; give the rest of the session its logs back
 
 
 @pytest.fixture(scope="module")

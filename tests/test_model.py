@@ -11,7 +11,6 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from trm_lm import TRMConfig, TRMForCausalLM
-from trm_lm.core import TRMBlock
 
 
 def tiny_config(**overrides) -> TRMConfig:

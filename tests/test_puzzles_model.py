@@ -17,12 +17,7 @@ from puzzles.sudoku import SudokuShape, build_split, generate_puzzle
 CELLS, VOCAB = 16, 6  # 4x4 Sudoku tokens: PAD 0, blank 1, digits 2..5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**overrides):

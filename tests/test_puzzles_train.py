@@ -26,12 +26,7 @@ _spec.loader.exec_module(train_puzzles)
 TINY = str(REPO / "train" / "configs" / "puzzle-tiny-cpu.yaml")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

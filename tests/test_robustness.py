@@ -22,10 +22,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_model import REPO_ROOT, TINY_CONTEXT, load_script, running_app, tiny_model_dir  # noqa: F401
+from fixtures_model import REPO_ROOT, TINY_CONTEXT, app, cli, client, load_script, running_app, tiny_model_dir  # noqa: F401
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
-from transformers.utils import logging as hf_logging
 
 from trm_lm import TRMConfig
 from trm_lm.data import load_text_datasets, read_documents
@@ -40,11 +39,6 @@ PROMPT = "Once upon a time"
 # generate CLI, in this process
 
 
-@pytest.fixture(scope="module")
-def cli():
-    verbosity = hf_logging.get_verbosity()
-    yield load_script("generate/generate.py")
-    hf_logging.set_verbosity(verbosity)  # main() silences transformers; give the rest of the session its logs back
 
 
 def run_cli(cli, capsys, *args):
@@ -411,16 +405,6 @@ GOOD = (0.9, 0.95, 3, 0.5, 2, 0)
 SETTING_NAMES = ("temperature", "top_p", "max_new_tokens", "halt_threshold", "supervision_steps", "seed")
 
 
-@pytest.fixture(scope="module")
-def app(tiny_model_dir):  # noqa: F811
-    with running_app(tiny_model_dir) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(app):
-    gradio_client = pytest.importorskip("gradio_client")
-    return gradio_client.Client(app[0], verbose=False)
 
 
 def settings_with(**changes) -> tuple:
