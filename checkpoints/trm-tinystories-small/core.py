@@ -1,0 +1,280 @@
+"""The recursion of a Tiny Recursive Model, shared by the language model and the grid puzzles.
+
+Paper (arXiv:2510.04871, Fig. 3) and official code, for one supervision step:
+
+    for cycle in range(T):                      # the first T-1 cycles run under no_grad
+        for _ in range(n):
+            z = net(z + y + x)                   # latent update: sees the input
+        y = net(y + z)                          # answer update: does not
+    return y, z                                 # the caller detaches them before the next step
+
+`net` is ONE tiny network (net_layers blocks of mixer + SwiGLU, post-norm RMSNorm without scale),
+applied 'T * (n + 1)' times per step. Every application of every block is a *virtual layer* with its
+own KV-cache slot, so cached decoding computes exactly what a full forward computes.
+
+Per-token early exit (ACT) at inference: a position whose halting probability passed the threshold
+is *frozen*: its y and z stop changing, and at every later virtual layer its keys/values are copied
+from the same virtual layer of the previous supervision step ("copy-forward"), which, by induction,
+is the last step it computed. Other positions keep attending to it as if it were still there.
+
+This file must only use relative imports: it travels with saved models as remote code.
+"""
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+
+def rms_norm(hidden: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without a learnable scale (official TRM), computed in float32."""
+    dtype = hidden.dtype
+    hidden = hidden.float()
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+    return hidden.to(dtype)
+
+
+def trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    """Truncated normal in [-2 std, 2 std] (the official init, JAX style); skips weights loaded from a checkpoint."""
+    return init.trunc_normal_(tensor, mean=0.0, std=std, a=-2 * std, b=2 * std)
+
+
+class HaltHead(nn.Linear):
+    """Linear(D, 1) read from y: the logit of 'this answer is already right'."""
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding, concatenated-halves convention (as the official TRM and Llama)."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self.frequencies(), persistent=False)
+
+    def frequencies(self) -> torch.Tensor:
+        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+        return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, nh, T, hd); cos/sin: (B, T, hd)
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, width: int, inner: int):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(width, 2 * inner, bias=False)
+        self.down_proj = nn.Linear(inner, width, bias=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(hidden).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention (causal for text, bidirectional for grids) with a virtual-layer KV cache."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.causal = config.causal
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, hidden, rotary, attention_mask, past_key_values, layer_idx, copy_from_idx, frozen):
+        B, T, C = hidden.shape
+        q, k, v = self.qkv_proj(hidden).view(B, T, 3, self.num_heads, self.head_dim).transpose(1, 3).unbind(2)
+        # q, k, v: (B, nh, T, hd)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if past_key_values is not None:
+            if frozen is not None:  # halted positions: keys/values copied forward, not recomputed
+                old_k, old_v = cached_chunk(past_key_values, copy_from_idx, T)
+                keep = frozen[:, None, :, None]  # (B, 1, T, 1)
+                k, v = torch.where(keep, old_k, k), torch.where(keep, old_v, v)
+            k, v = past_key_values.update(k, v, layer_idx)  # (B, nh, past + T, hd)
+        is_causal = self.causal and attention_mask is None and T > 1 and k.shape[2] == T
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=is_causal)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, C))
+
+
+class SequenceMLP(nn.Module):
+    """TRM-MLP token mixer: a SwiGLU over the sequence axis (fixed length, bidirectional)."""
+
+    def __init__(self, config):
+        super().__init__()
+        length = config.sequence_length
+        self.mlp = SwiGLU(length, _round_up(int(4 * length * 2 / 3), 64))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.mlp(hidden.transpose(1, 2)).transpose(1, 2)  # mix over T, (B, T, C) in and out
+
+
+class TRMBlock(GradientCheckpointingLayer):
+    """mixer + SwiGLU, post-norm (official: h = norm(h + f(h))) or pre-norm (h = h + f(norm(h)))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.post_norm = config.norm_position == "post"
+        self.eps = config.rms_norm_eps
+        self.mixer_kind = config.mixer
+        self.mixer = SelfAttention(config) if config.mixer == "attention" else SequenceMLP(config)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def _mix(self, hidden, rotary, attention_mask, past_key_values, layer_idx, copy_from_idx, frozen):
+        if self.mixer_kind == "attention":
+            return self.mixer(hidden, rotary, attention_mask, past_key_values, layer_idx, copy_from_idx, frozen)
+        return self.mixer(hidden)
+
+    def forward(self, hidden, rotary=None, attention_mask=None, past_key_values=None, layer_idx=0,
+                copy_from_idx=None, frozen=None):
+        mix = (hidden, rotary, attention_mask, past_key_values, layer_idx, copy_from_idx, frozen)
+        if self.post_norm:
+            if self.mixer_kind == "mlp":  # official TRM-MLP normalises the token-mixed stream over the sequence axis
+                hidden = rms_norm((hidden + self._mix(*mix)).transpose(1, 2), self.eps).transpose(1, 2)
+            else:
+                hidden = rms_norm(hidden + self._mix(*mix), self.eps)
+            return rms_norm(hidden + self.mlp(hidden), self.eps)
+        hidden = hidden + self._mix(rms_norm(hidden, self.eps), *mix[1:])
+        return hidden + self.mlp(rms_norm(hidden, self.eps))
+
+
+def cached_chunk(cache, layer_idx: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last `length` keys/values of a virtual layer: the current chunk's entries there."""
+    layer = cache.layers[layer_idx]
+    return layer.keys[:, :, -length:], layer.values[:, :, -length:]
+
+
+class TRMCore(nn.Module):
+    """The tiny network and the recursion around it. Token- and task-agnostic: works on (B, T, D) states."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        D = config.hidden_size
+        self.latent_steps, self.cycles, self.net_layers = config.latent_steps, config.cycles, config.net_layers
+        self.blocks = nn.ModuleList(TRMBlock(config) for _ in range(config.net_layers))
+        self.eps = config.rms_norm_eps
+        self.pre_norm = config.norm_position == "pre"
+        if config.input_injection == "concat":
+            self.combine_latent = nn.Linear(3 * D, D, bias=False)  # cat(z, y, x) -> D
+            self.combine_answer = nn.Linear(2 * D, D, bias=False)  # cat(y, z) -> D
+        self.rotary = (RotaryEmbedding(D // config.num_attention_heads, config.rope_theta)
+                       if config.mixer == "attention" and config.position_encoding == "rope" else None)
+        # Fixed random initial states, broadcast to every position (official: buffers, not parameters).
+        self.register_buffer("y_init", trunc_normal_(torch.empty(D), std=1.0), persistent=True)
+        self.register_buffer("z_init", trunc_normal_(torch.empty(D), std=1.0), persistent=True)
+        # Halting head on y: P(this position's answer is already right). Starts almost never halting.
+        self.halt_head = HaltHead(D, 1, bias=True)
+
+    # ----- virtual layers -------------------------------------------------------------------------------
+    @property
+    def layers_per_step(self) -> int:
+        return self.cycles * (self.latent_steps + 1) * self.net_layers
+
+    def virtual_layer(self, step: int, cycle: int, update: int, block: int) -> int:
+        """KV-cache slot of one block application: update < n is a z-update, update == n the y-update."""
+        return ((step * self.cycles + cycle) * (self.latent_steps + 1) + update) * self.net_layers + block
+
+    # ----- the recursion --------------------------------------------------------------------------------
+    def initial_state(self, batch: int, length: int, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = dtype or self.y_init.dtype
+        y = self.y_init.to(dtype).expand(batch, length, -1)
+        z = self.z_init.to(dtype).expand(batch, length, -1)
+        return y, z
+
+    def net(self, hidden, base_layer, *, rotary=None, attention_mask=None, past_key_values=None, frozen=None):
+        copy_stride = self.layers_per_step
+        for i, block in enumerate(self.blocks):
+            idx = base_layer + i
+            hidden = block(hidden, rotary=rotary, attention_mask=attention_mask, past_key_values=past_key_values,
+                           layer_idx=idx, copy_from_idx=idx - copy_stride, frozen=frozen)
+        return rms_norm(hidden, self.eps) if self.pre_norm else hidden
+
+    def inject_latent(self, z, y, x):
+        if hasattr(self, "combine_latent"):
+            return self.combine_latent(torch.cat([z, y, x], dim=-1))
+        return z + y + x
+
+    def inject_answer(self, y, z):
+        if hasattr(self, "combine_answer"):
+            return self.combine_answer(torch.cat([y, z], dim=-1))
+        return y + z
+
+    def supervision_step(self, x, y, z, step: int = 0, *, rotary=None, attention_mask=None, past_key_values=None,
+                         frozen=None):
+        """One deep-supervision step: T cycles of (n latent updates, 1 answer update); gradient only in the last.
+
+        x, y, z: (B, T, D). `step` selects the KV-cache slots. `frozen` (B, T) bool marks halted positions
+        (inference only, needs a cache): their y/z are returned unchanged and their K/V are copied forward.
+        Returns the new (y, z), NOT detached: the caller decides what carries over.
+        """
+        if frozen is not None and not frozen.any():
+            frozen = None
+        if frozen is not None and past_key_values is None:
+            raise ValueError("frozen (halted) positions need a KV cache to copy their keys/values forward")
+        if frozen is not None and frozen.all():
+            self._copy_forward(past_key_values, step, x.shape[1])
+            return y, z
+        common = dict(rotary=rotary, attention_mask=attention_mask, past_key_values=past_key_values, frozen=frozen)
+        y_in, z_in = y, z
+        for cycle in range(self.cycles):
+            with torch.no_grad() if cycle < self.cycles - 1 else nullcontext():
+                for update in range(self.latent_steps):
+                    z = self.net(self.inject_latent(z, y, x), self.virtual_layer(step, cycle, update, 0), **common)
+                y = self.net(self.inject_answer(y, z), self.virtual_layer(step, cycle, self.latent_steps, 0), **common)
+        if frozen is not None:
+            keep = frozen[..., None]
+            y, z = torch.where(keep, y_in, y), torch.where(keep, z_in, z)
+        return y, z
+
+    def _copy_forward(self, past_key_values, step: int, length: int) -> None:
+        """Every position of the chunk has halted: fill this step's slots without running the network."""
+        first = step * self.layers_per_step
+        for idx in range(first, first + self.layers_per_step):
+            k, v = cached_chunk(past_key_values, idx - self.layers_per_step, length)
+            past_key_values.update(k, v, idx)
+
+    def halt_logits(self, y: torch.Tensor) -> torch.Tensor:
+        return self.halt_head(y).squeeze(-1).float()  # (B, T)
+
+
+
+@torch.no_grad()
+def init_trm_weights(module: nn.Module, std: float | None = None) -> None:
+    """Official init for one module (use with `model.apply` or PreTrainedModel._init_weights).
+
+    Linear/Embedding: truncated normal, std 1/sqrt(fan_in) (embeddings: 1/sqrt(D)) unless `std` is given;
+    halt head: weight 0, bias -5 (P(halt) ~ 0.7% at the start); y/z initial states: truncated normal, std 1.
+    """
+    if isinstance(module, HaltHead):
+        init.zeros_(module.weight)
+        init.constant_(module.bias, -5.0)
+    elif isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=std or 1.0 / math.sqrt(module.in_features))
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        trunc_normal_(module.weight, std=std or 1.0 / math.sqrt(module.embedding_dim))
+    elif isinstance(module, RotaryEmbedding):  # not saved: recomputed after from_pretrained's meta-device init
+        init.copy_(module.inv_freq, module.frequencies())
+    elif isinstance(module, TRMCore):
+        trunc_normal_(module.y_init, std=1.0)
+        trunc_normal_(module.z_init, std=1.0)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
