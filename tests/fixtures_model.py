@@ -67,6 +67,21 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+# Prelude for a "fresh user" subprocess (run with `python -I`): trm_lm must not be importable there, also when
+# it is pip-installed in this environment (CI installs it in editable mode), so the only TRM code that can
+# load is the remote code saved next to the weights.
+WITHOUT_TRM_LM = """
+import sys
+sys.modules["trm_lm"] = None  # any `import trm_lm` now raises ImportError
+try:
+    import trm_lm
+except ImportError:
+    pass
+else:
+    raise AssertionError("trm_lm must not be importable here")
+"""
+
+
 def load_script(relative_path: str):
     """Import a repo script (e.g. 'generate/generate.py', 'app.py') as a module, wherever pytest runs from."""
     path = REPO_ROOT / relative_path

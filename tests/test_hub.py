@@ -15,7 +15,7 @@ from unittest import mock
 import huggingface_hub.constants
 import pytest
 import torch
-from fixtures_model import tiny_model_dir  # noqa: F401
+from fixtures_model import WITHOUT_TRM_LM, tiny_model_dir  # noqa: F401
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 from transformers import AutoModelForCausalLM
 
@@ -103,10 +103,9 @@ def test_uploaded_folder_loads_as_remote_code_and_generates_the_same(pushed, tra
     torch.manual_seed(0)
     expected = model.generate(torch.tensor([prompt_ids]), **generate)[0].tolist()
 
-    script = f"""
-import importlib.util, json, sys, torch
+    script = WITHOUT_TRM_LM + f"""
+import json, torch
 from transformers import AutoModelForCausalLM
-assert importlib.util.find_spec("trm_lm") is None, "trm_lm must not be importable here"
 model = AutoModelForCausalLM.from_pretrained({str(pushed.received)!r}, trust_remote_code=True).eval()
 torch.manual_seed(0)
 out = model.generate(torch.tensor([{prompt_ids}]), **{generate!r})

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
+from fixtures_model import WITHOUT_TRM_LM
 from trm_lm import TRMConfig, TRMForCausalLM
 
 
@@ -305,9 +306,8 @@ def test_trust_remote_code_load_in_clean_process(tmp_path):
     with torch.no_grad():
         expected = model(ids).logits
     torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
-    script = textwrap.dedent(f"""
-        import importlib.util, sys, torch
-        assert importlib.util.find_spec("trm_lm") is None, "trm_lm must not be importable here"
+    script = WITHOUT_TRM_LM + textwrap.dedent(f"""
+        import torch
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
