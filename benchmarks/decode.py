@@ -28,7 +28,7 @@ SHIPPED = REPO / "checkpoints" / "trm-tinystories-small"
 def load_model(path: str | None) -> tuple[TRMForCausalLM, str]:
     source = Path(path) if path else SHIPPED
     if source.is_dir():
-        return TRMForCausalLM.from_pretrained(source).eval(), str(source.relative_to(REPO) if source.is_relative_to(REPO)
+        return TRMForCausalLM.from_pretrained(source, dtype=torch.float32).eval(), str(source.relative_to(REPO) if source.is_relative_to(REPO)
                                                                    else source)
     torch.manual_seed(0)
     config = TRMConfig(vocab_size=4096, hidden_size=256, num_attention_heads=4, net_layers=2, latent_steps=2, cycles=2,

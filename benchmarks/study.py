@@ -151,7 +151,7 @@ def main(argv=None):
         if not (run / "model.safetensors").exists():
             print(f"{arm}: no trained model in {run}, skipped", flush=True)
             continue
-        model = AutoModelForCausalLM.from_pretrained(run).eval()
+        model = AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(run)
         start = time.perf_counter()
         scores = bits_per_byte(model, tokenizer, documents, batch_size=8)

@@ -154,7 +154,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     documents = read_documents(args.validation_file, args.text_column)[: args.max_documents]
     tokenizer = load_or_train_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    # score in float32 whatever the checkpoint stores: bits/byte should not depend on storage precision
+    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code,
+                                                 dtype=torch.float32)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = bits_per_byte(
         model, tokenizer, documents, context_length=args.context_length, batch_size=args.batch_size,
