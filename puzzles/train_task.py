@@ -75,6 +75,8 @@ class PuzzleModelArguments:
     cycles: int = field(default=3, metadata={"help": "T: cycles per supervision step (T-1 without grad)."})
     supervision_steps: int = field(default=16, metadata={"help": "N_sup (official halt_max_steps)."})
     mixer: Literal["attention", "mlp"] = "attention"
+    sequence_mlp_size: int | None = field(
+        default=None, metadata={"help": "mixer=mlp: token-mixer width (official: 4*L*2/3 rounded up to 256)."})
     position_encoding: Literal["rope", "learned", "none"] = "rope"
     puzzle_emb_len: int = field(default=16, metadata={"help": "Prefix positions: 1 learned + the rest zeros."})
     halt_exploration_prob: float = 0.1

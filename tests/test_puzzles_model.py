@@ -77,6 +77,27 @@ def test_config_derives_lengths_and_rejects_bad_values():
             tiny_config(**bad)
 
 
+
+# (official parameter count, vocab, cells, mixer): trm-official.md §2.7, counted from the official constructors.
+OFFICIAL_PARAMS = [(5_028_866, 11, 81, "mlp"), (6_828_034, 11, 81, "attention"), (6_822_914, 6, 900, "attention"),
+                   (18_795_522, 6, 900, "mlp"), (6_829_058, 12, 900, "attention"), (18_801_666, 12, 900, "mlp")]
+
+
+@pytest.mark.parametrize("official, vocab, cells, mixer", OFFICIAL_PARAMS)
+def test_paper_architectures_have_the_official_parameter_count(official, vocab, cells, mixer):
+    """Default widths (SwiGLU 1536, token mixer 4*L*2/3 rounded up to 256) rebuild the official networks.
+
+    Two intended differences: the puzzle-embedding table is a parameter here (official: a buffer with its own
+    sparse optimizer, not counted), and the official Q head has a second, unused "continue" logit (TRM sets
+    no_ACT_continue), D + 1 parameters that this model does not carry.
+    """
+    cfg = PuzzleTRMConfig(vocab_size=vocab, num_cells=cells, intermediate_size=1536, mixer=mixer,
+                          position_encoding="none" if mixer == "mlp" else "rope")
+    with torch.device("meta"):
+        model = TRMPuzzleModel(cfg)
+    counted = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("puzzle_emb."))
+    assert counted + cfg.hidden_size + 1 == official
+
 def test_prefix_is_one_learned_vector_then_zeros():
     model = TRMPuzzleModel(tiny_config(puzzle_emb_len=3, position_encoding="none"))
     assert (model.puzzle_emb.weight == 0).all()  # zero-initialised, as the official embedding

@@ -1,6 +1,7 @@
 """The training loop (trm_lm/training.py), the text entry point (train/train_lm.py) and the baselines sizing."""
 
 import importlib.util
+from dataclasses import asdict
 import json
 import os
 import subprocess
@@ -200,6 +201,31 @@ def test_baselines_match_params_and_flops(capsys):
         if name != "tiny-cpu":  # the baselines inherit the shipped model's data and architecture
             assert (data.block_size, data.vocab_size, model.hidden_size, model.net_layers) == (512, 4096, 256, 2)
 
+
+def test_study_arms_share_data_tokenizer_and_schedule_and_differ_only_in_the_model():
+    """docs/results.md compares the arms 'on the same tokens, tokenizer and schedule': check the configs say so."""
+    train_lm = _load_train_lm()
+    configs = REPO / "train" / "configs"
+
+    def load(name):
+        args, data, model = parse_args([TrainingArguments, train_lm.DataArguments, train_lm.ModelArguments],
+                                       ["--config", str(configs / f"{name}.yaml")])
+        return asdict(args), asdict(data), asdict(model)
+
+    base_args, base_data, base_model = load("tinystories-cpu")
+    arms = {"study-llama-params": {"model_type": "llama"},  # baseline_match defaults to "params"
+            "study-llama-flops": {"model_type": "llama", "baseline_match": "flops"},
+            "study-trm-shallow": {"cycles": 1, "latent_steps": 1}}
+    for name, model_changes in arms.items():
+        args, data, model = load(name)
+        assert {k: v for k, v in args.items() if k != "output_dir"} == \
+            {k: v for k, v in base_args.items() if k != "output_dir"}, name
+        assert data == {**base_data, "tokenizer_name": "outputs/tinystories-cpu/tokenizer"}, name  # arm (a)'s
+        assert {k: v for k, v in model.items() if model[k] != base_model[k]} == model_changes, name
+    # the shipped recipe: the study's arm (d) architecture, 3 epochs instead of 1
+    args, data, model = load("tinystories-cpu-long")
+    assert (model["cycles"], model["latent_steps"], model["supervision_steps"]) == (1, 1, 2)
+    assert args["max_train_steps"] == 3 * base_args["max_train_steps"] and data == base_data
 
 def _load_train_lm():
     """train/train_lm.py as a module (train/ is a folder of scripts, not a package)."""
