@@ -45,6 +45,7 @@ class TRMConfig(PreTrainedConfig):
     causal: bool = True
     position_encoding: str = "rope"
     sequence_length: int | None = None  # required by mixer="mlp"
+    sequence_mlp_size: int | None = None  # TRM-MLP token-mixer width; None = 4 * L * 2/3 rounded up to 256 (official)
     initializer_range: float | None = None  # None = 1/sqrt(fan_in) truncated normal, as official
     embedding_dropout: float = 0.0
     tie_word_embeddings: bool = True
@@ -58,6 +59,8 @@ class TRMConfig(PreTrainedConfig):
         self._validate()
         if self.intermediate_size is None:
             self.intermediate_size = _round_up(int(4 * self.hidden_size * 2 / 3), 64)
+        if self.mixer == "mlp" and self.sequence_mlp_size is None:
+            self.sequence_mlp_size = _round_up(round(4 * self.sequence_length * 2 / 3), 256)  # official layers.py
         self.num_hidden_layers = self.net_applications * self.net_layers
         super().__post_init__(**kwargs)
 
@@ -81,10 +84,10 @@ class TRMConfig(PreTrainedConfig):
                              f"num_attention_heads ({self.num_attention_heads})")
         if self.position_encoding == "rope" and self.head_dim % 2 != 0:
             raise ValueError(f"rotary position encoding needs an even head_dim, got {self.head_dim}")
-        if self.intermediate_size is not None and (not isinstance(self.intermediate_size, int)
-                                                   or self.intermediate_size < 1):
-            raise ValueError(f"TRMConfig.intermediate_size must be a positive integer or None, "
-                             f"got {self.intermediate_size!r}")
+        for name in ("intermediate_size", "sequence_mlp_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"TRMConfig.{name} must be a positive integer or None, got {value!r}")
         for name, allowed in (("norm_position", _NORM_POSITIONS), ("input_injection", _INJECTIONS),
                               ("mixer", _MIXERS), ("position_encoding", _POSITION_ENCODINGS)):
             if getattr(self, name) not in allowed:

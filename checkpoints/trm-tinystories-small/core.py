@@ -116,8 +116,7 @@ class SequenceMLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        length = config.sequence_length
-        self.mlp = SwiGLU(length, _round_up(int(4 * length * 2 / 3), 64))
+        self.mlp = SwiGLU(config.sequence_length, config.sequence_mlp_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.mlp(hidden.transpose(1, 2)).transpose(1, 2)  # mix over T, (B, T, C) in and out
@@ -274,7 +273,3 @@ def init_trm_weights(module: nn.Module, std: float | None = None) -> None:
     elif isinstance(module, TRMCore):
         trunc_normal_(module.y_init, std=1.0)
         trunc_normal_(module.z_init, std=1.0)
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
