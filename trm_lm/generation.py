@@ -200,6 +200,16 @@ def is_trm(model) -> bool:
     return getattr(model.config, "model_type", None) == TRM_MODEL_TYPE
 
 
+def check_trace_top_k(model, top_k) -> None:
+    """ValueError unless `model` can report per-step predictions (a TRM's inspect()) and 1 <= top_k <= vocab."""
+    if not is_trm(model) or not hasattr(model, "inspect"):
+        raise ValueError(f"per-step traces need a TRM model (model_type 'trm_lm') with inspect(); "
+                         f"got {type(model).__name__}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= model.config.vocab_size:
+        raise ValueError(f"top_k (predictions shown per step) must be in [1, {model.config.vocab_size}] "
+                         f"(the vocabulary size), got {top_k!r}")
+
+
 def context_length(model) -> int | None:
     """How many positions the model can attend over (None if its config does not say)."""
     for attribute in ("max_position_embeddings", "n_positions", "max_sequence_length"):
@@ -444,11 +454,8 @@ def stream_generate(model, tokenizer, prompt: str | bytes | EncodedPrompt, setti
     """
     if settings.num_return_sequences != 1:
         raise ValueError("streaming shows one sequence: use num_return_sequences=1")
-    if trace_top_k and not hasattr(model, "inspect"):
-        raise ValueError(f"per-step traces need a TRM model with inspect(); this model is {type(model).__name__}")
-    if trace_top_k and not 1 <= trace_top_k <= model.config.vocab_size:
-        raise ValueError(f"top_k (predictions shown per step) must be in [1, {model.config.vocab_size}] "
-                         f"(the vocabulary size), got {trace_top_k}")
+    if trace_top_k:
+        check_trace_top_k(model, trace_top_k)
     encoded = prepare_prompt(model, tokenizer, prompt, settings)
     kwargs = generate_kwargs(model, tokenizer, settings)  # bad settings raise here, before anything is printed
     return _stream(model, tokenizer, encoded, kwargs, settings.seed, trace_top_k)
@@ -494,5 +501,6 @@ def _stream(model, tokenizer, encoded: EncodedPrompt, kwargs: dict, seed: int | 
 __all__ = [
     "GenerationSettings", "EncodedPrompt", "GenerationResult", "load_model_and_tokenizer", "check_model_dir",
     "default_model_path", "resolve_device", "validate_prompt", "encode_prompt", "context_length", "is_trm",
+    "check_trace_top_k",
     "prepare_prompt", "generate_kwargs", "generate_text", "stream_generate", "decode_new_tokens", "one_line",
 ]

@@ -2,7 +2,7 @@
 
     python -m trm_lm.hub push --model runs/trm-tinystories-small --repo_id user/trm-tinystories-small \
         [--private] [--token hf_...] [--datasets roneneldan/TinyStories]
-    python -m trm_lm.hub export --model outputs/study/trm --output checkpoints/trm-tinystories-small \
+    python -m trm_lm.hub export --model outputs/tinystories-cpu-long --output checkpoints/trm-tinystories-small \
         --dtype bfloat16 --samples 3          # the same folder, written locally (how the shipped model is made)
 
 What is uploaded is what loads here: the model and tokenizer are loaded from the folder (safetensors only,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import set_seed
 
-from .generation import EncodedPrompt, GenerationSettings, generate_kwargs, is_trm, prepare_prompt
+from .generation import EncodedPrompt, GenerationSettings, check_trace_top_k, generate_kwargs, prepare_prompt
 
 TOKEN_DECODE_KWARGS = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
@@ -86,11 +86,7 @@ def inspect_generation(model, tokenizer, prompt: str | bytes | EncodedPrompt, ma
 def trace_generation(model, tokenizer, prompt: str | bytes | EncodedPrompt, settings: GenerationSettings,
                      top_k: int = 3) -> list[TokenTrace]:
     """inspect_generation with the settings given as one GenerationSettings (what the CLI uses)."""
-    if not is_trm(model) or not hasattr(model, "inspect"):
-        raise ValueError(f"inspection needs a TRM model (model_type 'trm_lm'); got {type(model).__name__}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= model.config.vocab_size:
-        raise ValueError(f"top_k (predictions shown per step) must be in [1, {model.config.vocab_size}] "
-                         f"(the vocabulary size), got {top_k!r}")
+    check_trace_top_k(model, top_k)
     if settings.num_return_sequences != 1:
         raise ValueError("inspection follows one sequence: use num_return_sequences=1")
     encoded = prepare_prompt(model, tokenizer, prompt, settings)

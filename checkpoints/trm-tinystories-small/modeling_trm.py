@@ -11,8 +11,8 @@ the final step, i.e. exactly what generation uses.
 
 Inference: `halt_threshold` (argument or config) turns on per-token exit: after each step, positions
 whose P(halt) >= threshold freeze (see core.py for the KV copy-forward). `halt_criterion="entropy"|"kl"`
-swaps the trained head for a training-free rule (next-token entropy, or KL between successive steps). `generate()` works with the
-stock DynamicCache, one slot per virtual layer (config.num_hidden_layers of them).
+swaps the trained head for a training-free rule (next-token entropy, or KL between successive steps).
+`generate()` works with the stock DynamicCache, one slot per virtual layer (config.num_hidden_layers of them).
 
 Relative imports only: this file and its siblings are copied next to saved weights as remote code.
 """
@@ -81,6 +81,43 @@ class TRMPreTrainedModel(PreTrainedModel):
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except SafetensorError as error:
             raise ValueError(f"{where}: the safetensors checkpoint is corrupt or truncated ({error})") from error
+
+
+def halt_rule(criterion, threshold, lm_head=None):
+    """The per-token stopping rule for `threshold` under `criterion` (None = run every step).
+
+    Returns None or rule(y, halt_logits) -> (B, T) bool. "entropy" and "kl" read next-token distributions,
+    so they need the model's `lm_head`.
+    """
+    if criterion not in ("head", "entropy", "kl"):
+        raise ValueError(f"halt_criterion must be 'head', 'entropy' or 'kl', got {criterion!r}")
+    if threshold is None:
+        return None
+    try:
+        threshold = float(threshold)
+    except (TypeError, ValueError):
+        raise ValueError(f"halt_threshold must be a number or None, got {threshold!r}") from None
+    if criterion == "head":
+        if not threshold > 0:  # also catches NaN
+            raise ValueError(f"halt_threshold must be > 0 (values > 1 disable halting), got {threshold!r}")
+        return None if threshold > 1 else (lambda y, logits: torch.sigmoid(logits) >= threshold)
+    if not (threshold >= 0 and math.isfinite(threshold)):
+        raise ValueError(f"halt_threshold for halt_criterion={criterion!r} is in nats and must be finite and "
+                         f">= 0, got {threshold!r}")
+    if lm_head is None:
+        raise ValueError(f"halt_criterion={criterion!r} reads next-token predictions: it needs the LM head")
+    previous = {}
+
+    def rule(y, halt_logits):
+        log_probs = torch.log_softmax(lm_head(y).float(), dim=-1)  # (B, T, V)
+        if criterion == "entropy":
+            return -(log_probs.exp() * log_probs).sum(-1) <= threshold
+        before, previous["log_probs"] = previous.get("log_probs"), log_probs
+        if before is None:  # nothing to compare with after the first step
+            return torch.zeros(log_probs.shape[:2], dtype=torch.bool, device=y.device)
+        return (log_probs.exp() * (log_probs - before)).sum(-1) <= threshold
+
+    return rule
 
 
 class TRMModel(TRMPreTrainedModel):
@@ -157,9 +194,9 @@ class TRMModel(TRMPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, supervision_steps=None, halt_threshold=None, **kwargs):
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if (use_cache or halt_threshold is not None) and past_key_values is None:
+        rule = halt_rule("head", halt_threshold)  # no LM head here, so only the trained halt head can stop
+        if (use_cache or rule is not None) and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
-        rule = None if halt_threshold is None else (lambda y, logits: torch.sigmoid(logits) >= halt_threshold)
         y = None
         for _, y, _, _ in self.recurse(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
                                        supervision_steps, rule):
@@ -205,7 +242,7 @@ class TRMForCausalLM(TRMPreTrainedModel, GenerationMixin):
         cfg = self.config
         threshold = cfg.halt_threshold if isinstance(halt_threshold, str) and halt_threshold == _FROM_CONFIG \
             else halt_threshold
-        rule = self._halt_rule(halt_criterion, threshold)
+        rule = halt_rule(halt_criterion, threshold, self.lm_head)
         if rule is not None and self.training:
             raise ValueError("halt_threshold is an inference-time setting; training runs every supervision step")
         use_cache = cfg.use_cache if use_cache is None else use_cache
@@ -245,36 +282,6 @@ class TRMForCausalLM(TRMPreTrainedModel, GenerationMixin):
             step_top_ids=torch.stack(top_ids) if top_ids else None,
             step_top_probs=torch.stack(top_probs) if top_probs else None,
         )
-
-    def _halt_rule(self, criterion, threshold):
-        """The per-token stopping rule for `threshold` under `criterion` (None = run every step)."""
-        if criterion not in ("head", "entropy", "kl"):
-            raise ValueError(f"halt_criterion must be 'head', 'entropy' or 'kl', got {criterion!r}")
-        if threshold is None:
-            return None
-        try:
-            threshold = float(threshold)
-        except (TypeError, ValueError):
-            raise ValueError(f"halt_threshold must be a number or None, got {threshold!r}") from None
-        if criterion == "head":
-            if not threshold > 0:  # also catches NaN
-                raise ValueError(f"halt_threshold must be > 0 (values > 1 disable halting), got {threshold!r}")
-            return None if threshold > 1 else (lambda y, logits: torch.sigmoid(logits) >= threshold)
-        if not (threshold >= 0 and math.isfinite(threshold)):
-            raise ValueError(f"halt_threshold for halt_criterion={criterion!r} is in nats and must be finite and "
-                             f">= 0, got {threshold!r}")
-        previous = {}
-
-        def rule(y, halt_logits):
-            log_probs = torch.log_softmax(self.lm_head(y).float(), dim=-1)  # (B, T, V)
-            if criterion == "entropy":
-                return -(log_probs.exp() * log_probs).sum(-1) <= threshold
-            before, previous["log_probs"] = previous.get("log_probs"), log_probs
-            if before is None:  # nothing to compare with after the first step
-                return torch.zeros(log_probs.shape[:2], dtype=torch.bool, device=y.device)
-            return (log_probs.exp() * (log_probs - before)).sum(-1) <= threshold
-
-        return rule
 
     def _step_loss(self, logits, halt_logits, labels, num_items, **kwargs):
         """Token CE (the library's loss: shifts labels, ignores -100, honours num_items_in_batch) + halting BCE."""
