@@ -20,6 +20,7 @@ import gradio as gr  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from trm_lm.generation import (  # noqa: E402
+    TEST_TIME_DEPTH,
     GenerationSettings,
     context_length,
     default_model_path,
@@ -45,7 +46,8 @@ def build_demo(model, tokenizer, *, max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP
                max_prompt_chars: int = MAX_PROMPT_CHARS, default_seed: int | None = None) -> gr.Blocks:
     """The app around a loaded model; `demo.queue(...).launch(...)` it (see main)."""
     trm = is_trm(model)
-    max_steps = model.config.supervision_steps if trm else 1
+    trained_steps = model.config.supervision_steps if trm else 1
+    max_steps = TEST_TIME_DEPTH * trained_steps if trm else 1  # thinking longer than trained: up to 2x
     context = context_length(model)
     if context is not None:  # room for BOS and at least one prompt token
         max_new_tokens_cap = max(1, min(max_new_tokens_cap, context - 2))
@@ -115,8 +117,9 @@ def build_demo(model, tokenizer, *, max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP
                 halt_threshold = gr.Slider(
                     0.0, 1.0, value=(model.config.halt_threshold or 0.9) if trm else 0.0, step=0.01, visible=trm,
                     elem_id="halt-threshold", label="Halt threshold (a token stops once P(halt) >= this; 0 = off)")
-                supervision_steps = gr.Slider(1, max(max_steps, 2), value=max_steps, step=1, visible=trm,
-                                              label=f"Supervision steps (at most {max_steps})")
+                supervision_steps = gr.Slider(1, max(max_steps, 2), value=trained_steps, step=1, visible=trm,
+                                              label=f"Supervision steps (trained with {trained_steps}; up to "
+                                                    f"{max_steps} thinks longer than trained)")
                 seed = gr.Number(value=-1 if default_seed is None else default_seed, precision=0,
                                  label="Seed (-1 = random)")
                 gr.Examples(EXAMPLES, inputs=[prompt])

@@ -83,6 +83,8 @@ def run(args: argparse.Namespace) -> None:
     if args.show_steps and args.show_top_k < 1:
         raise ValueError(f"--show_top_k must be >= 1, got {args.show_top_k}")
     prompt = read_prompt(args.prompt)
+    if args.model is not None and not args.model.strip():
+        raise ValueError("--model is empty: give a model folder or Hub id, or leave --model out for the shipped model")
     model, tokenizer = load_model_and_tokenizer(args.model or default_model_path(REPO_ROOT), device=args.device,
                                                 trust_remote_code=args.trust_remote_code)
     encoded = encode_prompt(tokenizer, prompt, settings.max_new_tokens, context_length(model))

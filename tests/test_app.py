@@ -45,7 +45,10 @@ def test_generate_returns_story_and_depth_matching_model_inspect(app, client):
 
 
 def test_story_streams(client):
-    job = client.submit(PROMPT, *SETTINGS, api_name="/generate")
+    # 60 tokens: the random fixture model emits many partial-UTF-8 byte tokens, which the streamer holds back
+    # until a word is complete, so a short story can arrive in too few pieces to show the streaming
+    temperature, top_p, _, halt_threshold, supervision_steps, seed = SETTINGS
+    job = client.submit(PROMPT, temperature, top_p, 60, halt_threshold, supervision_steps, seed, api_name="/generate")
     job.result(timeout=60)
     stories = [output[0] for output in job.outputs()]
     assert len(stories) > 3  # several updates, not one answer at the end

@@ -94,5 +94,5 @@ def test_two_process_cpu_ddp_shards_data_and_keeps_replicas_identical(shared_dat
     assert rank0["checksum"] == rank1["checksum"] == _checksum(saved)
     assert rank0["metrics"] == rank1["metrics"] and rank0["metrics"]["bits_per_byte"] > 0
     checkpoint = json.loads((out / "checkpoints" / f"step_{steps}" / "checkpoint_complete.json").read_text())
-    assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors"} <= set(checkpoint["files"])
+    assert {"rng_0.safetensors", "rng_1.safetensors", "model.safetensors"} <= set(checkpoint["files"])
     assert json.loads((out / "results.json").read_text())["hardware"].startswith("2 x cpu")

@@ -112,7 +112,8 @@ def test_show_steps_matches_model_inspect(cli, capsys, tiny_model_dir, model_and
     for row, trace in zip(rows, traces):
         assert row.split()[0] == str(trace.position)
         assert f"{trace.step_predictions[0].top_probs[0]:.3f}" in row
-    assert table.splitlines()[-1] == f"{len(traces)} tokens (1 step: {steps.count(1)}, 2 steps: {steps.count(2)})"
+    assert table.splitlines()[-1] == (f"{len(traces)} tokens (1 step: {steps.count(1)}, 2 steps: {steps.count(2)}; "
+                                      f"mean {sum(steps) / len(steps):.2f} steps per token)")
 
 
 def test_inspect_generation_follows_the_settings(model_and_tokenizer):
@@ -199,7 +200,7 @@ def test_bad_model_folders(cli, capsys, broken_dirs, case, message):
     (["--prompt", PROMPT, "--max_new_tokens", "0"], "max_new_tokens must be in [1, 4096]"),
     (["--prompt", PROMPT, "--max_new_tokens", "127"], "leaves no room for a prompt in the model's context of 128"),
     (["--prompt", PROMPT, "--halt_threshold", "1.5"], "halt_threshold must be in [0, 1]"),
-    (["--prompt", PROMPT, "--max_new_tokens", "8", "--supervision_steps", "3"], "supervision_steps must be in [1, 2]"),
+    (["--prompt", PROMPT, "--max_new_tokens", "8", "--supervision_steps", "5"], "supervision_steps must be in [1, 4]"),
     (["--prompt", PROMPT, "--num_return_sequences", "2", "--temperature", "0"], "greedy decoding"),
     (["--prompt", PROMPT, "--max_new_tokens", "8", "--num_return_sequences", "2", "--stream"],
      "streaming shows one sequence"),

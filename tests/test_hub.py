@@ -138,3 +138,20 @@ def test_push_offline_fails_with_one_line(tiny_model_dir, capsys, monkeypatch): 
     assert hub.main(["push", "--model", str(tiny_model_dir), "--repo_id", REPO_ID]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "offline" in err and err.count("\n") == 1
+
+
+def test_export_refuses_a_full_folder_unless_overwrite(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    from trm_lm.hub import main
+
+    output = tmp_path / "exported"
+    output.mkdir()
+    (output / "old.txt").write_text("previous export")
+    assert main(["export", "--model", str(tiny_model_dir), "--output", str(output), "--samples", "0"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err and (output / "old.txt").exists()
+    assert main(["export", "--model", str(tiny_model_dir), "--output", str(output), "--samples", "0",
+                 "--overwrite"]) == 0
+    assert not (output / "old.txt").exists() and (output / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]  # no staging or replaced folders left
+    # a failing export leaves the previous folder as it was
+    assert main(["export", "--model", str(tmp_path / "missing"), "--output", str(output), "--overwrite"]) == 2
+    assert (output / "model.safetensors").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["exported"]

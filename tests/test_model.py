@@ -1,10 +1,12 @@
 """TRMForCausalLM: config validation, causality, recursion/gradient structure, KV cache, ACT, save/load."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from fixtures_model import WITHOUT_TRM_LM
 from trm_lm import TRMConfig, TRMForCausalLM
+from trm_lm.modeling_trm import CACHE_FIELD
 
 
 def tiny_config(**overrides) -> TRMConfig:
@@ -73,8 +76,9 @@ def test_out_of_range_tokens_and_too_long_inputs_are_rejected():
         model(torch.tensor([[1, 2, 61]]))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model(torch.ones(1, 161, dtype=torch.long))
-    with pytest.raises(ValueError, match="supervision_steps"):
-        model(torch.ones(1, 4, dtype=torch.long), supervision_steps=3)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="supervision_steps must be a positive integer"):
+            model(torch.ones(1, 4, dtype=torch.long), supervision_steps=bad)
 
 
 # ----- causality and recursion structure ---------------------------------------------------------------
@@ -176,8 +180,29 @@ def test_cached_and_uncached_greedy_generation_agree(overrides):
 def test_cache_slots_are_virtual_layers():
     model = tiny_model(supervision_steps=3, cycles=2, latent_steps=2)
     out = model(torch.randint(1, 61, (1, 5)), use_cache=True)
-    assert len(out.past_key_values.layers) == model.config.num_hidden_layers == 3 * 2 * 3 * 2
-    assert all(layer.keys.shape[2] == 5 for layer in out.past_key_values.layers)
+    cache = getattr(out, CACHE_FIELD)
+    assert len(cache.layers) == model.config.num_hidden_layers == 3 * 2 * 3 * 2
+    assert all(layer.keys.shape[2] == 5 for layer in cache.layers)
+
+
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
+def test_cache_is_read_under_the_current_and_the_pre_5_24_keyword(keyword):
+    """generate() passes `cache` from transformers 5.24 on and `past_key_values` before: both must be read."""
+    model = tiny_model()
+    ids = torch.randint(1, 61, (1, 9))
+    announced = keyword == "past_key_values" and CACHE_FIELD == "cache"  # deprecated only where renamed
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        full = model(ids, use_cache=False).logits
+        cache = DynamicCache(config=model.config)
+        first = model(ids[:, :5], use_cache=True, **{keyword: cache})
+        assert getattr(first, CACHE_FIELD) is cache and cache.get_seq_length() == 5
+        rest = model(ids[:, 5:], use_cache=True, **{keyword: cache}).logits
+    deprecations = [w for w in caught if "`past_key_values` is deprecated" in str(w.message)]
+    assert len(deprecations) == (2 if announced else 0)
+    torch.testing.assert_close(torch.cat([first.logits, rest], 1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="once"):
+        model(ids, cache=DynamicCache(config=model.config), past_key_values=DynamicCache(config=model.config))
 
 
 def test_batched_left_padded_generation_matches_single_prompts():
@@ -230,7 +255,7 @@ def test_act_incremental_decoding_matches_full_sequence_reference(overrides):
         cache = DynamicCache(config=model.config)
         pieces, steps = [], []
         for t in range(ids.shape[1]):
-            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True, halt_threshold=0.5)
+            out = model(ids[:, t:t + 1], cache=cache, use_cache=True, halt_threshold=0.5)
             pieces.append(out.logits)
             steps.append(out.steps_used)
     used = reference.steps_used
@@ -381,7 +406,7 @@ def test_kl_criterion_incremental_matches_full_reference():
         threshold = float(torch.quantile(_step_kl(model, ids), 0.5))
         reference = model(ids, halt_threshold=threshold, halt_criterion="kl")
         cache = DynamicCache(config=model.config)
-        pieces = [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True, halt_threshold=threshold,
+        pieces = [model(ids[:, t:t + 1], cache=cache, use_cache=True, halt_threshold=threshold,
                         halt_criterion="kl") for t in range(30)]
     assert (full.steps_used == 3).all()  # KL is never <= 0 between different distributions
     assert kl[0] >= kl[1] >= kl[2] and kl[2] == 2.0  # the first step can never stop under KL
@@ -401,3 +426,100 @@ def _step_kl(model, ids):
 def test_bad_halt_criteria_are_rejected(criterion, bad):
     with pytest.raises(ValueError, match="halt_"):
         tiny_model()(torch.ones(1, 3, dtype=torch.long), halt_threshold=bad, halt_criterion=criterion)
+
+
+# ----- transformers API: hidden states, attentions, tuples, training with a config threshold -------------
+
+def test_output_hidden_states_and_attentions_cover_every_virtual_layer():
+    model = tiny_model()
+    ids = torch.randint(1, 61, (2, 7))
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True, output_attentions=True, use_cache=False)
+        plain = model(ids, use_cache=False)
+    layers = model.config.num_hidden_layers
+    assert len(out.hidden_states) == layers + 1 and len(out.attentions) == layers
+    torch.testing.assert_close(out.hidden_states[0], model.model.embed_tokens(ids) * model.model.embed_scale)
+    assert all(h.shape == (2, 7, 32) for h in out.hidden_states)
+    assert all(a.shape == (2, 2, 7, 7) for a in out.attentions)
+    weights = torch.stack(out.attentions)
+    torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights.sum(-1)))
+    assert (weights.triu(1) == 0).all()  # causal
+    assert torch.equal(out.logits, plain.logits)  # recording changes nothing
+    assert model(ids, use_cache=False).hidden_states is None  # and costs nothing unless asked
+
+
+def test_attentions_with_the_cache_equal_the_full_forward_rows():
+    model = tiny_model()
+    ids = torch.randint(1, 61, (1, 6))
+    with torch.no_grad():
+        full = model(ids, output_attentions=True, use_cache=False).attentions
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :5], cache=cache, use_cache=True)
+        last = model(ids[:, 5:], cache=cache, use_cache=True, output_attentions=True).attentions
+    for a, b in zip(full, last):
+        torch.testing.assert_close(a[:, :, 5:], b, rtol=1e-5, atol=1e-6)
+
+
+def test_return_dict_false_gives_a_tuple():
+    model = tiny_model()
+    ids = torch.randint(1, 61, (1, 5))
+    out = model(ids, return_dict=False, use_cache=False)
+    assert isinstance(out, tuple) and torch.equal(out[0], model(ids, use_cache=False).logits)
+
+
+def test_a_config_threshold_does_not_block_fine_tuning_but_an_explicit_one_does():
+    model = tiny_model(halt_threshold=0.5).train()
+    ids = torch.randint(1, 61, (2, 6))
+    model(ids, labels=ids).loss.backward()  # the config's inference setting is ignored in training
+    with pytest.raises(ValueError, match="inference-time"):
+        model(ids, labels=ids, halt_threshold=0.5)
+
+
+def test_halting_loss_reads_shift_labels():
+    model = tiny_model(halt_loss_weight=1.0).eval()
+    ids = torch.randint(1, 61, (2, 6))
+    shifted = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+    with torch.no_grad():
+        from_labels = model(ids, labels=ids, use_cache=False).loss
+        from_shift = model(ids, labels=ids, shift_labels=shifted, use_cache=False).loss
+        other = model(ids, labels=ids, shift_labels=shifted.roll(1, dims=1), use_cache=False).loss
+    torch.testing.assert_close(from_labels, from_shift)
+    assert not torch.isclose(from_labels, other)
+
+
+def test_from_pretrained_with_state_dict_and_no_path():
+    model = tiny_model()
+    again = TRMForCausalLM.from_pretrained(None, config=model.config, state_dict=model.state_dict()).eval()
+    ids = torch.randint(1, 61, (1, 5))
+    assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_test_time_depth_beyond_the_trained_steps_is_cached_exactly():
+    """More supervision steps than trained: the cache gets the extra slots and stays exact, ACT included."""
+    model = tiny_model(supervision_steps=2)
+    make_halting_mixed(model)
+    prompt = torch.randint(1, 61, (1, 5))
+    for halt_threshold in (None, 0.5):
+        kwargs = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, supervision_steps=4,
+                      halt_threshold=halt_threshold, pad_token_id=0)
+        cached = model.generate(prompt, use_cache=True, **kwargs)
+        uncached = model.generate(prompt, use_cache=False, **kwargs)
+        assert torch.equal(cached, uncached)
+    with torch.no_grad():
+        deeper = model(prompt, supervision_steps=4, use_cache=True)
+        trained = model(prompt, use_cache=True)
+    assert len(getattr(deeper, CACHE_FIELD).layers) == 2 * model.config.num_hidden_layers
+    assert not torch.allclose(deeper.logits, trained.logits)
+
+
+def test_truncated_normal_init_has_the_nominal_std():
+    """Official trunc_normal_init_: the std AFTER truncation at +-2 std is the one asked for (torch's is 0.88x)."""
+    from trm_lm.core import trunc_normal_
+
+    torch.manual_seed(0)
+    weight = trunc_normal_(torch.empty(512, 512), std=0.05)
+    assert abs(float(weight.std()) / 0.05 - 1) < 0.02
+    assert float(weight.abs().max()) <= 2 * 0.05 / 0.8796 + 1e-6  # cut at 2 std of the widened normal
+    model = tiny_model(hidden_size=64)
+    q_proj = model.model.core.blocks[0].mixer.qkv_proj.weight  # std 1/sqrt(fan_in)
+    assert abs(float(q_proj.detach().std()) * math.sqrt(64) - 1) < 0.1

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from puzzles import arc, maze, sudoku
+from trm_lm.checkpointing import load_state_tree
 from puzzles.evaluate import PuzzleScorer, arc_voter, main as evaluate_main, score_predictor
 from puzzles.grids import BLANK_IDENTIFIER, PuzzleExampleDataset, SplitBuilder, load_split, write_dataset
 from puzzles.model import TRMPuzzleModel
@@ -95,7 +96,7 @@ def test_resume_restores_the_carry_exactly(tmp_path, datasets):
     full = tmp_path / "full"
     full.mkdir()
     train(full, datasets / "sudoku", "sudoku", *steps)
-    state = torch.load(full / "out" / "checkpoints" / "step_2" / "custom_checkpoint_1.pkl", weights_only=False)
+    state = load_state_tree(full / "out" / "checkpoints" / "step_2", "task")  # safetensors + JSON, no pickle
     carry = state["carries"][0]
     assert carry["steps"].shape == (16,) and carry["data.inputs"].shape == (16, 81) and not carry["halted"].all()
 

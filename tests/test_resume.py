@@ -5,8 +5,10 @@ killed with SIGKILL after its first checkpoint and then resumed with `latest`, m
 losses after the resume point and end with bit-identical weights (dropout is on, so the RNG state matters).
 """
 
+import hashlib
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -157,8 +159,8 @@ def test_corrupt_checkpoints_give_clear_errors_and_latest_skips_them(reference, 
     with pytest.raises(ValueError, match="does not exist"):
         resolve_checkpoint(tmp_path / "out", str(root / "step_99"))
 
-    (root / "step_20" / "optimizer.bin").unlink()
-    with pytest.raises(ValueError, match=r"step_20 is corrupt: optimizer\.bin is missing"):
+    (root / "step_20" / "optimizer.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"step_20 is corrupt: optimizer\.safetensors is missing"):
         validate_checkpoint(root / "step_20")
     assert find_latest_checkpoint(tmp_path / "out") is None
     assert resolve_checkpoint(tmp_path / "out", "latest") is None  # 'latest' with nothing usable = fresh start
@@ -169,13 +171,93 @@ def test_corrupt_checkpoints_give_clear_errors_and_latest_skips_them(reference, 
 
 
 def test_unloadable_checkpoint_names_the_directory(reference, data, tmp_path):
-    # Right size, wrong bytes: passes the manifest check, fails to load -> ValueError naming the directory.
+    # Wrong bytes with a manifest rewritten to match them: verifies, fails to load -> ValueError naming it.
     checkpoint = tmp_path / "out" / "checkpoints" / "step_20"
     shutil.copytree(reference / "checkpoints" / "step_20", checkpoint)
     shutil.copytree(reference / "tokenizer", tmp_path / "out" / "tokenizer")
-    optimizer = checkpoint / "optimizer.bin"
+    optimizer = checkpoint / "optimizer.safetensors"
     optimizer.write_bytes(b"\0" * optimizer.stat().st_size)
+    _rewrite_manifest(checkpoint)
     proc = subprocess.run(_command(tmp_path / "out", data, "--resume_from_checkpoint", str(checkpoint)),
                           capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
     assert proc.returncode != 0
     assert f"ValueError: checkpoint {checkpoint} could not be loaded" in proc.stderr
+
+
+def _rewrite_manifest(checkpoint):
+    """What an attacker who can write the folder can also do: make the manifest match the planted files."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+             for p in sorted(checkpoint.iterdir()) if p.is_file() and p.name != CHECKPOINT_MARKER}
+    (checkpoint / CHECKPOINT_MARKER).write_text(json.dumps({"step": 20, "files": files}))
+
+
+class _Planted:
+    """Unpickling this writes a marker file: proof that code from the checkpoint ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_no_code_from_a_checkpoint_ever_runs(reference, data, tmp_path):
+    """A malicious pickle planted as each checkpoint file (and as accelerate's old pickle names), with the manifest
+    untouched or rewritten to match: resuming fails with a clear error and the pickle never runs."""
+    source = reference / "checkpoints" / "step_20"
+    targets = sorted(p.name for p in source.iterdir() if p.name != CHECKPOINT_MARKER)
+    targets += ["custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin"]
+    for index, target in enumerate(targets):
+        for rewrite in (False, True):
+            out = tmp_path / f"case{index}-{int(rewrite)}"
+            checkpoint = out / "checkpoints" / "step_20"
+            shutil.copytree(source, checkpoint)
+            shutil.copytree(reference / "tokenizer", out / "tokenizer")
+            marker = tmp_path / f"pwned-{index}-{int(rewrite)}"
+            payload = pickle.dumps(_Planted(marker))
+            original = checkpoint / target
+            if original.exists():  # padded to the original size, as an attacker would
+                payload = payload.ljust(max(original.stat().st_size, len(payload)), b"\0")
+            original.write_bytes(payload)
+            if rewrite:
+                _rewrite_manifest(checkpoint)
+            with pytest.raises(ValueError, match=str(checkpoint)):
+                resolve_checkpoint(out, str(checkpoint)) if not rewrite else _load_in_process(out, checkpoint, data)
+            assert not marker.exists(), f"code planted in {target} ran"
+
+
+def _load_in_process(output_dir, checkpoint, data):
+    """Validate and load `checkpoint` into a fresh run's objects, as run_training does, without training."""
+    from accelerate import Accelerator
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from transformers import get_scheduler
+
+    from trm_lm import TRMConfig, TRMForCausalLM
+    from trm_lm.checkpointing import load_checkpoint
+
+    validate_checkpoint(checkpoint)
+    # tiny-cpu.yaml's architecture (the reference run's)
+    model = TRMForCausalLM(TRMConfig(vocab_size=512, hidden_size=64, num_attention_heads=2, net_layers=1,
+                                     latent_steps=1, cycles=2, supervision_steps=2, max_position_embeddings=64))
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=1, num_training_steps=10)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    load_checkpoint(Accelerator(cpu=True), checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema)
+
+
+def test_latest_falls_back_when_same_size_damage_breaks_the_newest(reference, tmp_path, capsys):
+    root = tmp_path / "out" / "checkpoints"
+    for step in (30, 40):
+        shutil.copytree(reference / "checkpoints" / f"step_{step}", root / f"step_{step}")
+    weights = root / "step_40" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[20] ^= 0xFF  # a flipped header byte: same size
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"model\.safetensors does not match its sha256"):
+        validate_checkpoint(root / "step_40")
+    assert find_latest_checkpoint(tmp_path / "out") == root / "step_30"
+    printed = capsys.readouterr().out
+    assert "skipping checkpoint" in printed and "step_40" in printed
+    rng = root / "step_30" / "rng_0.safetensors"
+    rng.write_bytes(b"\0" * rng.stat().st_size)  # zeroed RNG state: refused, never a silent non-exact resume
+    assert find_latest_checkpoint(tmp_path / "out") is None

@@ -73,7 +73,7 @@ def assert_one_line_error(code, out, err, message):
     (["--prompt", PROMPT, "--supervision_steps", "0"], "supervision_steps must be >= 1"),
     (["--prompt", PROMPT, "--supervision_steps", "-3"], "supervision_steps must be >= 1"),
     (["--prompt", PROMPT, "--max_new_tokens", "4", "--supervision_steps", "1000"],
-     "supervision_steps must be in [1, 2]"),
+     "supervision_steps must be in [1, 4]"),
     (["--prompt", PROMPT, "--num_return_sequences", "0"], "num_return_sequences must be in [1, 16]"),
     (["--prompt", PROMPT, "--num_return_sequences", "10000"], "num_return_sequences must be in [1, 16]"),
     (["--prompt", PROMPT, "--seed", str(2**32)], "seed must be in [0, 2**32)"),

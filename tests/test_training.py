@@ -290,3 +290,42 @@ def test_train_lm_builds_the_flops_matched_llama(tiny_stories, tmp_path):
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 8 and config["hidden_size"] == 64
     assert result.completed_steps == 2 and result.metrics["bits_per_byte"] > 0
     assert "custom_code" not in (out / "README.md").read_text()
+
+
+class NaNAtStepFive(CountingTask):
+    """The loss turns NaN on the 5th micro-batch, as a diverging run would."""
+
+    calls = 0
+
+    def compute_loss(self, model, batch):
+        self.calls += 1
+        loss = super().compute_loss(model, batch)
+        return loss * float("nan") if self.calls == 5 else loss
+
+
+def test_non_finite_loss_stops_the_run_and_saves_nothing_non_finite(tmp_path):
+    with pytest.raises(FloatingPointError, match="not finite at step 5"):
+        run_training(_args(tmp_path, checkpointing_steps=2, max_train_steps=20), NaNAtStepFive())
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_2", "step_4"]  # nothing after the NaN
+    assert not (tmp_path / "model.safetensors").exists()
+    weights = load_file(tmp_path / "checkpoints" / "step_4" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+class WorseningTask(CountingTask):
+    """A held-out loss that only gets worse after the first evaluation."""
+
+    evaluations = 0
+
+    def evaluate(self, model, accelerator):
+        self.evaluations += 1
+        return {"loss": float(self.evaluations)}
+
+
+def test_early_stopping_on_the_held_out_loss(tmp_path):
+    result = run_training(_args(tmp_path, eval_steps=5, early_stopping_patience=2, max_train_steps=60),
+                          WorseningTask())
+    assert result.completed_steps == 15  # best at step 5, no better at 10 and 15
+    assert any(r.get("event") == "early_stop" for r in _log(tmp_path))
+    with pytest.raises(ValueError, match="needs --eval_steps"):
+        _args(tmp_path, early_stopping_patience=2).validate()

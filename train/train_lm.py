@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from trm_lm import TRMForCausalLM  # noqa: E402
 from trm_lm.baselines import llama_config_from_trm, trm_config_from_flags  # noqa: E402
-from trm_lm.data import build_lm_datasets, load_or_train_tokenizer, load_text_datasets  # noqa: E402
+from trm_lm.data import (build_lm_datasets, expand_data_files, load_or_train_tokenizer, load_text_datasets,  # noqa: E402
+                         read_documents)
 from trm_lm.evaluate import bits_per_byte  # noqa: E402
 from trm_lm.model_card import TRM_PAPER, render_model_card  # noqa: E402
 from trm_lm.training import (TrainingArguments, TrainingTask, parse_args, process_state,  # noqa: E402
@@ -40,8 +41,16 @@ class DataArguments:
     dataset_name: str | None = field(
         default=None, metadata={"help": "Hub dataset id; default roneneldan/TinyStories when no --train_file."})
     dataset_config_name: str | None = None
-    train_file: str | None = field(default=None, metadata={"help": ".txt / .jsonl / .json / .parquet documents."})
-    validation_file: str | None = None
+    train_file: list[str] | None = field(
+        default=None, metadata={"help": ".txt / .jsonl / .json / .parquet documents: one or more files or globs."})
+    validation_file: list[str] | None = field(
+        default=None, metadata={"help": "Documents evaluated during training (model selection). Default: "
+                                        "--validation_split_percentage %% of the training documents, held out."})
+    report_file: list[str] | None = field(
+        default=None, metadata={"help": "Test sets scored once with the final model (bits/byte in results.json "
+                                        "and the model card); never used for selection."})
+    max_report_documents: int | None = field(
+        default=None, metadata={"help": "Score the first N documents of each --report_file (default: all)."})
     text_column: str = "text"
     streaming: bool = False
     validation_split_percentage: float = field(
@@ -77,6 +86,11 @@ class ModelArguments:
     rope_theta: float | None = None
     embedding_dropout: float | None = None
     max_position_embeddings: int | None = field(default=None, metadata={"help": "Default: --block_size."})
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "TRM folder to start from (its weights; give its tokenizer with --tokenizer_name). The "
+                          "network is shared by every step, so the schedule (supervision_steps, cycles, "
+                          "latent_steps) may differ from the one it was trained with; the shapes may not."})
 
 
 class CausalLMTask(TrainingTask):
@@ -95,7 +109,17 @@ class CausalLMTask(TrainingTask):
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id)
         if args.model_type == "trm":
-            return TRMForCausalLM(trm_config)
+            model = TRMForCausalLM(trm_config)
+            if args.init_from:
+                start = TRMForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+                try:
+                    model.load_state_dict(start.state_dict(), strict=True)
+                except RuntimeError as error:
+                    raise ValueError(f"--init_from {args.init_from}: its weights do not fit the configured "
+                                     f"architecture ({error})") from None
+            return model
+        if args.init_from:
+            raise ValueError("--init_from starts a TRM from a trained TRM; it does not apply to --model_type llama")
         return LlamaForCausalLM(llama_config_from_trm(trm_config, args.baseline_match))
 
     def evaluate(self, model, accelerator):
@@ -112,12 +136,29 @@ class CausalLMTask(TrainingTask):
         loss = nll / tokens
         return {"bits_per_byte": nll / (math.log(2) * num_bytes), "loss": loss, "perplexity": math.exp(loss)}
 
+    def score_report_files(self, model) -> dict[str, float]:
+        """Bits/byte of the final model on each --report_file (fp32, whole documents), keyed by file stem."""
+        scores = {}
+        for path in expand_data_files(self.data_args.report_file or []) if self.data_args.report_file else []:
+            documents = read_documents(path)[: self.data_args.max_report_documents]
+            with torch.no_grad():
+                result = bits_per_byte(model.eval(), self.tokenizer, documents,
+                                       context_length=self.data_args.block_size, batch_size=self.eval_batch_size)
+            print(f"{path}: {result['bits_per_byte']:.4f} bits/byte on {len(documents)} documents", flush=True)
+            scores[f"{path.stem}_bits_per_byte"] = result["bits_per_byte"]
+            scores[f"{path.stem}_documents"] = len(documents)
+        return scores
+
     def save_final(self, model, output_dir, metrics, run_info):
         self.tokenizer.save_pretrained(output_dir)
         data, trm = self.data_args, self.model_args.model_type == "trm"
+        # Test-set scores join the final metrics (results.json is written from the same dict after this).
+        metrics.update(self.score_report_files(model))
         if data.train_file:
-            source = f"local files (train: {Path(data.train_file).name}" + (
-                f", validation: {Path(data.validation_file).name})" if data.validation_file else ")")
+            names = lambda spec: ", ".join(p.name for p in expand_data_files(spec))  # noqa: E731
+            source = f"local files (train: {names(data.train_file)}" + (
+                f"; validation: {names(data.validation_file)})" if data.validation_file else
+                f"; {data.validation_split_percentage:g}% of them held out for validation)")
         else:
             source = f"{data.dataset_name or 'roneneldan/TinyStories'} (Hub)"
         tokenizer = data.tokenizer_name or f"byte-level BPE of {len(self.tokenizer)} tokens trained on the train split"

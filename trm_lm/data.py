@@ -28,13 +28,15 @@ Attention crosses document boundaries inside a block, as in GPT-2 / nanoGPT trai
 
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict, Features, IterableDataset, IterableDatasetDict, Value, load_dataset
+from datasets import (Dataset, DatasetDict, Features, IterableDataset, IterableDatasetDict, Value, concatenate_datasets,
+                      load_dataset)
 from datasets.exceptions import DatasetGenerationError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -196,6 +198,35 @@ def _generate_records(path: str, text_column: str, size: int, mtime_ns: int) -> 
         yield {"text": document}
 
 
+def expand_data_files(spec: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """The files named by `spec`: one path, a glob pattern, or a list of either, in the order given
+    (each pattern's matches sorted). A pattern that matches nothing, or a file named twice, is an error."""
+    entries = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    if not entries:
+        raise ValueError("no data files given")
+    files: list[Path] = []
+    for entry in entries:
+        entry = os.fspath(entry)
+        if glob.has_magic(entry):
+            matches = sorted(glob.glob(entry))
+            if not matches:
+                raise FileNotFoundError(f"no data file matches the pattern {entry!r}")
+            files.extend(Path(match) for match in matches)
+        else:
+            files.append(Path(entry))
+    resolved = [file.resolve() for file in files]
+    repeated = sorted({str(f) for f in files if resolved.count(f.resolve()) > 1})
+    if repeated:
+        raise ValueError(f"data file(s) given more than once: {repeated}")
+    return files
+
+
+def _files_dataset(spec, text_column: str, streaming: bool, cache_dir: str | None):
+    """Several local files (see `expand_data_files`) as one dataset, documents in file order."""
+    parts = [_file_dataset(path, text_column, streaming, cache_dir) for path in expand_data_files(spec)]
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
 def _file_dataset(path: str | os.PathLike, text_column: str, streaming: bool, cache_dir: str | None):
     """One local file as a `datasets` Dataset (cached on disk) or IterableDataset with a `text` column."""
     path = _checked_path(path)
@@ -216,8 +247,8 @@ def _file_dataset(path: str | os.PathLike, text_column: str, streaming: bool, ca
 def load_text_datasets(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
-    train_file: str | os.PathLike | None = None,
-    validation_file: str | os.PathLike | None = None,
+    train_file: str | os.PathLike | list | None = None,
+    validation_file: str | os.PathLike | list | None = None,
     text_column: str = "text",
     streaming: bool = False,
     validation_split_percentage: float = 5.0,
@@ -226,7 +257,8 @@ def load_text_datasets(
 ) -> DatasetDict | IterableDatasetDict:
     """Raw documents as a DatasetDict (or IterableDatasetDict when streaming) with `train` and `validation`.
 
-    Local files (`train_file`, optional `validation_file`) have a single `text` column. With no files and
+    Local files (`train_file`, optional `validation_file`; each one path, a glob or a list of them, read in
+    order and concatenated) have a single `text` column. With no files and
     no `dataset_name`, the Hub dataset `roneneldan/TinyStories` is used. When there is no validation file
     or split, `validation_split_percentage` % of the training documents (a seeded random choice) is held
     out; a streaming dataset must bring its own validation data.
@@ -236,9 +268,9 @@ def load_text_datasets(
     if validation_file is not None and train_file is None:
         raise ValueError("validation_file needs a train_file")
     if train_file is not None:
-        splits = {"train": _file_dataset(train_file, text_column, streaming, cache_dir)}
+        splits = {"train": _files_dataset(train_file, text_column, streaming, cache_dir)}
         if validation_file is not None:
-            splits["validation"] = _file_dataset(validation_file, text_column, streaming, cache_dir)
+            splits["validation"] = _files_dataset(validation_file, text_column, streaming, cache_dir)
         raw = (IterableDatasetDict if streaming else DatasetDict)(splits)
         text_column = "text"
     else:

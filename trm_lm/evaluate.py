@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -149,19 +150,39 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     parser.add_argument("--json", default=None, help="also write the result to this JSON file")
     args = parser.parse_args(argv)
+    for name, minimum in (("max_documents", 1), ("batch_size", 1), ("context_length", 2)):
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            parser.error(f"--{name} must be >= {minimum}, got {value}")
+    try:
+        return _score(args)
+    except (OSError, ValueError) as error:  # a user error: one line, no traceback
+        from .generation import one_line
 
-    from transformers import AutoModelForCausalLM
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _score(args) -> dict:
+    from .generation import load_model_and_tokenizer
 
     documents = read_documents(args.validation_file, args.text_column)[: args.max_documents]
-    tokenizer = load_or_train_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
-    # score in float32 whatever the checkpoint stores: bits/byte should not depend on storage precision
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code,
-                                                 dtype=torch.float32)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # The one checked loading path of the CLIs (missing, unexpected, mis-shaped and non-finite weights are
+    # errors); the weights are scored in float32 on CPU whatever the checkpoint stores.
+    model, tokenizer = load_model_and_tokenizer(args.model, device=device, trust_remote_code=args.trust_remote_code)
+    model = model.float()
+    if args.tokenizer:
+        tokenizer = load_or_train_tokenizer(args.tokenizer, trust_remote_code=args.trust_remote_code)
+    print(f"scoring {len(documents):,} documents of {args.validation_file} with {args.model} on {device} ...",
+          file=sys.stderr, flush=True)
     result = bits_per_byte(
         model, tokenizer, documents, context_length=args.context_length, batch_size=args.batch_size,
         device=device, forward_kwargs=args.forward_kwargs,
     )
+    if not math.isfinite(result["bits_per_byte"]):
+        raise ValueError(f"the score of {args.model} is not finite ({result['bits_per_byte']}): the weights or "
+                         "the forward arguments produce NaN/inf logits")
     result = {"model": args.model, "validation_file": args.validation_file, **result}
     if args.forward_kwargs:
         result["forward_kwargs"] = args.forward_kwargs

@@ -53,6 +53,8 @@ MAX_RETURN_SEQUENCES = 16
 # logits / temperature (and / repetition_penalty) must stay finite in float32: below these, 0 = greedy / 1 = off
 MIN_TEMPERATURE = 1e-3
 MIN_REPETITION_PENALTY = 1e-3
+TEST_TIME_DEPTH = 2  # the CLI and app run up to this many times the trained supervision steps
+
 # safetensors' names of the integer dtypes -> torch's
 INTEGER_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32",
                   "I32": "int32", "U64": "uint64", "I64": "int64"}
@@ -179,6 +181,7 @@ def load_model_and_tokenizer(name_or_path: str | Path, device: str = "auto", tru
     except Exception as error:
         raise OSError(f"could not load {where}: {type(error).__name__}: {one_line(error)}") from error
     problems = [f"{key} is missing" for key in sorted(loading["missing_keys"])]
+    problems += [f"{key} is in the checkpoint but not in the model" for key in sorted(loading["unexpected_keys"])]
     problems += [f"{key} has shape {tuple(saved)}, the model needs {tuple(needed)}"
                  for key, saved, needed in sorted(loading["mismatched_keys"])]
     if problems:  # transformers would go on with randomly initialised weights
@@ -383,10 +386,11 @@ def generate_kwargs(model, tokenizer, settings: GenerationSettings) -> dict:
     if settings.halt_threshold is not None:
         kwargs["halt_threshold"] = settings.halt_threshold or None  # 0 = off = None for the model
     if settings.supervision_steps is not None:
-        available = model.config.supervision_steps
-        if settings.supervision_steps > available:
-            raise ValueError(f"supervision_steps must be in [1, {available}] for this model "
-                             f"(it was trained with {available}), got {settings.supervision_steps}")
+        trained = model.config.supervision_steps
+        if settings.supervision_steps > TEST_TIME_DEPTH * trained:
+            raise ValueError(f"supervision_steps must be in [1, {TEST_TIME_DEPTH * trained}] for this model "
+                             f"(trained with {trained}; up to {TEST_TIME_DEPTH}x that runs at test time), "
+                             f"got {settings.supervision_steps}")
         kwargs["supervision_steps"] = settings.supervision_steps
     return kwargs
 

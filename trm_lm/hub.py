@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -139,6 +140,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     export.add_argument("--samples", type=int, default=3, help="sample stories to put in the card")
     export.add_argument("--datasets", nargs="*", default=None)
     export.add_argument("--data_description", default=None)
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output folder (swapped in only once the new one is complete)")
     return parser.parse_args(argv)
 
 
@@ -146,13 +149,22 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.command == "export":
         output = Path(args.output)
-        if output.exists() and any(output.iterdir()):
-            print(f"error: {output} exists and is not empty", file=sys.stderr)
+        if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+            print(f"error: {output} exists and is not empty (pass --overwrite to replace it)", file=sys.stderr)
             return 2
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-export-", dir=output.parent))
         try:
-            files = stage_upload(args.model, output, args.name or output.name, args.datasets, args.data_description,
+            files = stage_upload(args.model, staging, args.name or output.name, args.datasets, args.data_description,
                                  dtype=args.dtype, samples=args.samples)
+            old = output.with_name(f".{output.name}-replaced")
+            if output.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                output.rename(old)
+            staging.rename(output)
+            shutil.rmtree(old, ignore_errors=True)
         except (ValueError, OSError) as error:
+            shutil.rmtree(staging, ignore_errors=True)
             print(f"error: {one_line(error)}", file=sys.stderr)
             return 2
         print(f"exported {args.model} to {output}: {', '.join(files)}")

@@ -137,7 +137,8 @@ def format_trace_table(traces: list[TokenTrace]) -> str:
     numeric = {0, 2}  # right-align position and steps
     lines = ["  ".join(cell.rjust(w) if i in numeric else cell.ljust(w)
                        for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in cells]
-    return "\n".join(lines + [f"{len(traces)} tokens ({steps_summary(traces)})"])
+    mean = sum(trace.steps_used for trace in traces) / max(1, len(traces))
+    return "\n".join(lines + [f"{len(traces)} tokens ({steps_summary(traces)}; mean {mean:.2f} steps per token)"])
 
 
 __all__ = ["StepPrediction", "TokenTrace", "inspect_generation", "trace_generation", "traces_from_records",

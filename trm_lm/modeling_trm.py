@@ -17,8 +17,11 @@ swaps the trained head for a training-free rule (next-token entropy, or KL betwe
 Relative imports only: this file and its siblings are copied next to saved weights as remote code.
 """
 
+import inspect
 import math
 import os
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,14 +29,47 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_trm import TRMConfig
-from .core import TRMCore, init_trm_weights
+from .core import SelfAttention, TRMCore, apply_rotary, init_trm_weights
 
 _FROM_CONFIG = "config"  # halt_threshold default: use config.halt_threshold
+
+# transformers 5.24 renamed the KV cache from `past_key_values` to `cache` in generate()'s model inputs, in
+# the model outputs and in the mask helpers. The names the installed version uses, so that every 5.x in the
+# supported range gets the cache back (an unread keyword would silently restart the cache at every step).
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+_MASK_CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def _ensure_cache_slots(cache, slots: int) -> None:
+    """Give a DynamicCache sized by the config (trained steps) the slots of a deeper run; every call of one
+    decoding must use the same number of steps, as generate() does."""
+    if len(cache.layers) >= slots:
+        return
+    if not isinstance(cache, DynamicCache):
+        raise ValueError(f"this {type(cache).__name__} has {len(cache.layers)} layer slots but {slots} are needed for "
+                         "that many supervision steps; use a DynamicCache (the default) to run more steps than trained")
+    cache.layers.extend(DynamicLayer() for _ in range(slots - len(cache.layers)))
+
+
+def _one_cache(cache, past_key_values):
+    """The cache passed under either name (the current `cache` or the pre-5.24 `past_key_values`).
+
+    Where the installed transformers already says `cache`, the old name is announced as deprecated, as the
+    library's own models do; before 5.24 it is what generate() passes, so it is taken silently.
+    """
+    if past_key_values is None:
+        return cache
+    if cache is not None and cache is not past_key_values:
+        raise ValueError("pass the KV cache once, as `cache` (or `past_key_values` before transformers 5.24)")
+    if CACHE_FIELD == "cache":
+        warnings.warn("`past_key_values` is deprecated since transformers 5.24: pass the KV cache as `cache`",
+                      FutureWarning, stacklevel=3)
+    return past_key_values
 
 
 @dataclass
@@ -52,11 +88,80 @@ class TRMCausalLMOutputWithPast(CausalLMOutputWithPast):
     step_top_probs: torch.FloatTensor | None = None
 
 
+@contextmanager
+def recorded_outputs(model: "TRMModel", hidden_states: bool, attentions: bool):
+    """Record the input x and every virtual layer's block output, and/or attention weights, while the model runs.
+
+    Yields a dict that, after the block, holds "hidden_states" (x, then one per virtual layer: 1 +
+    config.num_hidden_layers when every step runs) and/or "attentions" (one per virtual layer).
+    Hooks are added for the call only, and only when asked for. A virtual layer that a fully halted chunk skipped
+    (ACT copy-forward) repeats what the same layer of the previous step recorded, as its keys/values do.
+    The attention weights are recomputed from the layer's own query and its keys (cache included), with the
+    mask SDPA used, so `output_attentions` needs no separate eager code path.
+    """
+    core = model.core
+    records = {"hidden_states": {}, "attentions": {}}
+    inputs = []
+    handles = []
+    if hidden_states:
+        def keep_block_output(module, args, kwargs, output):
+            records["hidden_states"][kwargs["layer_idx"]] = output
+        handles += [block.register_forward_hook(keep_block_output, with_kwargs=True) for block in core.blocks]
+        handles.append(model.embed_dropout.register_forward_hook(lambda module, args, output: inputs.append(output)))
+    if attentions:
+        def keep_attention(module, args, output):
+            hidden, rotary, attention_mask, cache, layer_idx = args[:5]
+            records["attentions"][layer_idx] = attention_weights(module, hidden, rotary, attention_mask, cache,
+                                                                 layer_idx)
+        handles += [block.mixer.register_forward_hook(keep_attention) for block in core.blocks
+                    if isinstance(block.mixer, SelfAttention)]
+    result = {}
+    try:
+        yield result
+    finally:
+        for handle in handles:
+            handle.remove()
+    stride = core.layers_per_step
+    for name, by_layer in records.items():
+        if not by_layer:
+            continue
+        filled = inputs[-1:] if name == "hidden_states" else []
+        offset = len(filled)
+        for idx in range(max(by_layer) + 1):
+            filled.append(by_layer[idx] if idx in by_layer else filled[offset + idx - stride])
+        result[name] = tuple(filled)
+
+
+def attention_weights(attention: SelfAttention, hidden, rotary, attention_mask, cache, layer_idx):
+    """softmax(q k^T / sqrt(d) + mask) of one attention call: (B, heads, T, keys)."""
+    B, T, _ = hidden.shape
+    q, k, _ = attention.qkv_proj(hidden).view(B, T, 3, attention.num_heads, attention.head_dim).transpose(1, 3).unbind(2)
+    if rotary is not None:
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+    if cache is not None:
+        k = cache.layers[layer_idx].keys  # after this call's update: past + this chunk (copied-forward included)
+    scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(attention.head_dim)  # (B, nh, T, K)
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool \
+            else scores + attention_mask.float()
+    elif attention.causal and T > 1 and k.shape[2] == T:
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return torch.softmax(scores, dim=-1).to(q.dtype)
+
+
+def _output_flags(config, kwargs):
+    """(output_hidden_states, output_attentions, return_dict) from the call, else the config."""
+    def flag(name, default):
+        value = kwargs.pop(name, None)
+        return getattr(config, name, default) if value is None else bool(value)
+    return flag("output_hidden_states", False), flag("output_attentions", False), flag("return_dict", True)
+
+
 class TRMPreTrainedModel(PreTrainedModel):
     config_class = TRMConfig
     base_model_prefix = "model"
     _no_split_modules = ["TRMBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     supports_gradient_checkpointing = True
     _supports_sdpa = True
 
@@ -65,10 +170,19 @@ class TRMPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Safetensors only: pickle checkpoints can run arbitrary code when loaded, so they are refused."""
+        """Safetensors only: pickle checkpoints can run arbitrary code when loaded, so they are refused.
+
+        Weights load in float32 unless `dtype` is given (a bf16 checkpoint computed in bf16 rounds
+        differently with and without the KV cache, so greedy text would depend on `use_cache`); pass
+        `dtype="auto"` or `torch.bfloat16` to compute in the stored precision on an accelerator.
+        """
         if kwargs.get("use_safetensors") is False:
             raise ValueError("trm-lm loads safetensors checkpoints only (use_safetensors=False is not supported)")
         kwargs["use_safetensors"] = True
+        if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
+            kwargs["dtype"] = torch.float32
+        if pretrained_model_name_or_path is None:  # weights from `state_dict=`, config from `config=`
+            return super().from_pretrained(None, *args, **kwargs)
         where = os.fspath(pretrained_model_name_or_path)
         if os.path.isdir(where):
             files = os.listdir(where)
@@ -142,7 +256,7 @@ class TRMModel(TRMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def recurse(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def recurse(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, supervision_steps=None, halt_rule=None):
         """Run the supervision steps; yield (step, y, halt_logits, steps_used) after each.
 
@@ -153,18 +267,22 @@ class TRMModel(TRMPreTrainedModel):
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        steps = cfg.supervision_steps if supervision_steps is None else int(supervision_steps)
-        if not 1 <= steps <= cfg.supervision_steps:
-            raise ValueError(f"supervision_steps must be in [1, {cfg.supervision_steps}] (the model's KV-cache "
-                             f"slots), got {supervision_steps!r}")
+        steps = cfg.supervision_steps if supervision_steps is None else supervision_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"supervision_steps must be a positive integer, got {supervision_steps!r}")
+        if cache is not None:  # test-time depth: more steps than trained get extra cache slots
+            _ensure_cache_slots(cache, steps * self.core.layers_per_step)
         if inputs_embeds is None:
-            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= cfg.vocab_size):
+            # On CPU the range check is free and turns an opaque IndexError into a clear message; on an
+            # accelerator it would sync every decoding step, and under torch.compile/export it is data-dependent.
+            if (input_ids.device.type == "cpu" and input_ids.numel() and not torch.compiler.is_compiling()
+                    and (input_ids.min() < 0 or input_ids.max() >= cfg.vocab_size)):
                 raise ValueError(f"input_ids must be in [0, {cfg.vocab_size}), got values in "
                                  f"[{int(input_ids.min())}, {int(input_ids.max())}]")
             inputs_embeds = self.embed_tokens(input_ids)
         x = inputs_embeds * self.embed_scale  # (B, T, D)
         B, T, _ = x.shape
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past = cache.get_seq_length() if cache is not None else 0
         if past + T > cfg.max_position_embeddings:
             raise ValueError(f"sequence length {past + T} exceeds max_position_embeddings="
                              f"{cfg.max_position_embeddings}; truncate the prompt (keep its end)")
@@ -175,7 +293,7 @@ class TRMModel(TRMPreTrainedModel):
         x = self.embed_dropout(x)
         rotary = self.core.rotary(position_ids) if self.core.rotary is not None else None
         mask = create_causal_mask(config=cfg, inputs_embeds=x, attention_mask=attention_mask,
-                                  past_key_values=past_key_values, position_ids=position_ids)
+                                  position_ids=position_ids, **{_MASK_CACHE_KWARG: cache})
 
         y, z = self.core.initial_state(B, T, x.dtype)
         halted = None  # (B, T) bool once ACT froze something
@@ -183,7 +301,7 @@ class TRMModel(TRMPreTrainedModel):
         for step in range(steps):
             steps_used += 1 if halted is None else (~halted).long()
             y, z = self.core.supervision_step(x, y, z, step, rotary=rotary, attention_mask=mask,
-                                              past_key_values=past_key_values, frozen=halted)
+                                              cache=cache, frozen=halted)
             halt_logits = self.core.halt_logits(y)
             yield step, y, halt_logits, steps_used
             y, z = y.detach(), z.detach()  # deep supervision: the carry holds no graph
@@ -191,17 +309,27 @@ class TRMModel(TRMPreTrainedModel):
                 now = halt_rule(y, halt_logits)
                 halted = now if halted is None else halted | now
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, supervision_steps=None, halt_threshold=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                inputs_embeds=None, use_cache=None, supervision_steps=None, halt_threshold=_FROM_CONFIG,
+                past_key_values=None, **kwargs):
+        """The answer state y after the last step. halt_threshold: as TRMForCausalLM's (head rule only)."""
+        cache = _one_cache(cache, past_key_values)
+        if isinstance(halt_threshold, str) and halt_threshold == _FROM_CONFIG:
+            halt_threshold = None if self.training else self.config.halt_threshold
+        want_hidden, want_attentions, return_dict = _output_flags(self.config, kwargs)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         rule = halt_rule("head", halt_threshold)  # no LM head here, so only the trained halt head can stop
-        if (use_cache or rule is not None) and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if (use_cache or rule is not None) and cache is None:
+            cache = DynamicCache(config=self.config)
         y = None
-        for _, y, _, _ in self.recurse(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
-                                       supervision_steps, rule):
-            pass
-        return BaseModelOutputWithPast(last_hidden_state=y, past_key_values=past_key_values if use_cache else None)
+        with recorded_outputs(self, want_hidden, want_attentions) as recorded:
+            for _, y, _, _ in self.recurse(input_ids, attention_mask, position_ids, cache, inputs_embeds,
+                                           supervision_steps, rule):
+                pass
+        out = BaseModelOutputWithPast(last_hidden_state=y, **{CACHE_FIELD: cache if use_cache else None},
+                                      hidden_states=recorded.get("hidden_states"),
+                                      attentions=recorded.get("attentions"))
+        return out if return_dict else out.to_tuple()
 
 
 class TRMForCausalLM(TRMPreTrainedModel, GenerationMixin):
@@ -225,30 +353,34 @@ class TRMForCausalLM(TRMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, supervision_steps=None,
-                halt_threshold=_FROM_CONFIG, halt_criterion="head", output_step_topk=0,
+                halt_threshold=_FROM_CONFIG, halt_criterion="head", output_step_topk=0, past_key_values=None,
                 **kwargs) -> TRMCausalLMOutputWithPast:
         """Standard causal-LM forward, plus TRM controls.
 
         supervision_steps: run only the first k steps (inference; default all).
-        halt_threshold: per-token early exit; default = config.halt_threshold; None = off.
+        halt_threshold: per-token early exit; default = config.halt_threshold (ignored in training, which
+            runs every step); None = off.
         halt_criterion: what the threshold applies to, after each step:
             "head"    the trained halt head: stop when P(halt) >= threshold (in (0, 1]; > 1 = off);
             "entropy" training-free: stop when the next-token entropy (nats) <= threshold;
             "kl"      training-free: stop when KL(p_step || p_previous_step) (nats) <= threshold.
         output_step_topk: return the top-k next-token predictions after every step (inspection).
+        cache: the KV cache (`past_key_values` before transformers 5.24; either name is read).
         """
         cfg = self.config
-        threshold = cfg.halt_threshold if isinstance(halt_threshold, str) and halt_threshold == _FROM_CONFIG \
-            else halt_threshold
-        rule = halt_rule(halt_criterion, threshold, self.lm_head)
+        cache = _one_cache(cache, past_key_values)
+        want_hidden, want_attentions, return_dict = _output_flags(cfg, kwargs)
+        from_config = isinstance(halt_threshold, str) and halt_threshold == _FROM_CONFIG
+        if from_config:  # a checkpoint whose config sets a threshold can still be fine-tuned
+            halt_threshold = None if self.training else cfg.halt_threshold
+        rule = halt_rule(halt_criterion, halt_threshold, self.lm_head)
         if rule is not None and self.training:
             raise ValueError("halt_threshold is an inference-time setting; training runs every supervision step")
         use_cache = cfg.use_cache if use_cache is None else use_cache
         if self.training and labels is not None:
             use_cache = False
-        cache = past_key_values
         if cache is None and (use_cache or rule is not None):
             cache = DynamicCache(config=cfg)  # ACT copies K/V forward even without use_cache
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -259,29 +391,32 @@ class TRMForCausalLM(TRMPreTrainedModel, GenerationMixin):
         steps = cfg.supervision_steps if supervision_steps is None else supervision_steps
         losses, top_ids, top_probs = [], [], []
         logits = steps_used = None
-        for step, y, halt_logits, steps_used in self.model.recurse(
-                input_ids, attention_mask, position_ids, cache, inputs_embeds, supervision_steps, rule):
-            last = step == steps - 1
-            if not (last or labels is not None or output_step_topk):
-                continue
-            logits = self.lm_head(y[:, keep])  # (B, T', V)
-            if labels is not None:
-                losses.append(self._step_loss(logits, halt_logits, labels, num_items, **kwargs))
-            if output_step_topk:
-                probs, ids = torch.softmax(logits.float(), dim=-1).topk(output_step_topk, dim=-1)
-                top_ids.append(ids)
-                top_probs.append(probs)
+        with recorded_outputs(self.model, want_hidden, want_attentions) as recorded:
+            for step, y, halt_logits, steps_used in self.model.recurse(
+                    input_ids, attention_mask, position_ids, cache, inputs_embeds, supervision_steps, rule):
+                last = step == steps - 1
+                if not (last or labels is not None or output_step_topk):
+                    continue
+                logits = self.lm_head(y[:, keep])  # (B, T', V)
+                if labels is not None:
+                    losses.append(self._step_loss(logits, halt_logits, labels, num_items, **kwargs))
+                if output_step_topk:
+                    probs, ids = torch.softmax(logits.float(), dim=-1).topk(output_step_topk, dim=-1)
+                    top_ids.append(ids)
+                    top_probs.append(probs)
 
         loss = step_losses = None
         if labels is not None:
             stacked = torch.stack(losses)
             loss, step_losses = stacked.mean(), stacked.detach()
-        return TRMCausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=cache if use_cache else None, steps_used=steps_used,
-            step_losses=step_losses,
+        out = TRMCausalLMOutputWithPast(
+            loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None}, steps_used=steps_used,
+            hidden_states=recorded.get("hidden_states"),
+            attentions=recorded.get("attentions"), step_losses=step_losses,
             step_top_ids=torch.stack(top_ids) if top_ids else None,
             step_top_probs=torch.stack(top_probs) if top_probs else None,
         )
+        return out if return_dict else out.to_tuple()
 
     def _step_loss(self, logits, halt_logits, labels, num_items, **kwargs):
         """Token CE (the library's loss: shifts labels, ignores -100, honours num_items_in_batch) + halting BCE."""
@@ -289,11 +424,13 @@ class TRMForCausalLM(TRMPreTrainedModel, GenerationMixin):
                                 num_items_in_batch=num_items, **kwargs)
         if self.config.halt_loss_weight == 0:
             return ce
-        targets = labels[:, 1:]  # position t predicts token t + 1
+        targets = kwargs.get("shift_labels")  # (B, T): position t's target, as the library's loss reads it
+        if targets is None:  # position t predicts token t + 1; the last position has no target
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
         valid = targets != -100
         with torch.no_grad():
-            correct = (logits[:, :-1].argmax(-1) == targets).float()  # per token, not batch-mean
-        bce = F.binary_cross_entropy_with_logits(halt_logits[:, :-1], correct, reduction="none")
+            correct = (logits.argmax(-1) == targets).float()  # per token, not batch-mean
+        bce = F.binary_cross_entropy_with_logits(halt_logits, correct, reduction="none")
         denominator = num_items if num_items is not None else valid.sum().clamp(min=1)
         halt = (bce * valid).sum() / denominator
         return ce + self.config.halt_loss_weight * halt.to(ce.dtype)

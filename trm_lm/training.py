@@ -7,13 +7,15 @@ of the weights, periodic evaluation, atomic checkpoints with exact resume, loggi
     args, = parse_args([TrainingArguments])            # flags + `--config file.yaml`
     result = run_training(args, MyTask(...))             # MyTask subclasses TrainingTask
 
-Checkpoints (`--checkpointing_steps N`) live in `output_dir/checkpoints/step_<N>/`: `accelerator.save_state`
-files (weights, optimizer, scheduler, RNG states of every rank, EMA and task state), `training_state.json`
-(step, epoch, micro-batches consumed in that epoch) and, written last, `checkpoint_complete.json`, a manifest
-of every file and its size. A checkpoint is first written to `checkpoints/.tmp-step_<N>` and renamed into
-place, so a crash never leaves a half-written `step_<N>`. Resuming (`--resume_from_checkpoint latest|PATH`)
+Checkpoints (`--checkpointing_steps N`) live in `output_dir/checkpoints/step_<N>/`: weights, optimizer,
+scheduler, EMA, task state and every rank's RNG state as safetensors + JSON (trm_lm/checkpointing.py:
+nothing is pickled, so a checkpoint cannot run code), `training_state.json` (step, epoch, micro-batches
+consumed in that epoch) and, written last, `checkpoint_complete.json`, a manifest of every file's size and
+sha256. A checkpoint is first written to `checkpoints/.tmp-step_<N>` and renamed into place, so a crash
+never leaves a half-written `step_<N>`. Resuming (`--resume_from_checkpoint latest|PATH`) verifies and
 restores all of it and skips the consumed micro-batches of the seeded sampler, so the run continues exactly
-as if it had never stopped (same batches, same dropout masks, same losses).
+as if it had never stopped (same batches, same dropout masks, same losses). A non-finite loss stops the
+run with a clear error before anything is saved.
 
 Gradient accumulation averages the micro-batch losses (accelerate divides each by the number of
 micro-batches). That equals the token-weighted mean because packed text blocks and fixed-size grids
@@ -35,9 +37,7 @@ import logging
 import math
 import os
 import platform
-import re
 import shlex
-import shutil
 import sys
 import time
 from abc import ABC, abstractmethod
@@ -56,20 +56,15 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, default_data_collator, get_scheduler
 
+from .checkpointing import (CHECKPOINT_MARKER, CHECKPOINTS_DIR, find_latest_checkpoint, list_checkpoints,  # noqa: F401
+                            load_checkpoint, remove_partial_checkpoints, resolve_checkpoint, save_checkpoint,
+                            validate_checkpoint)
 from .model_card import render_model_card
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"
-CHECKPOINT_PREFIX = "step_"
-TMP_CHECKPOINT_PREFIX = ".tmp-step_"
-CHECKPOINT_MARKER = "checkpoint_complete.json"  # written last: its presence means the checkpoint is whole
-TRAINING_STATE = "training_state.json"
 LOG_FILE = "log.jsonl"
 RESULTS_FILE = "results.json"
-# What `accelerator.save_state` always writes for one model + optimizer + scheduler on rank 0.
-REQUIRED_CHECKPOINT_FILES = ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", TRAINING_STATE)
-MODEL_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -120,6 +115,9 @@ class TrainingArguments:
         metadata={"help": "Tracker for accelerate: 'auto' (tensorboard if installed), 'none', or a tracker name."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     cpu: bool = field(default=False, metadata={"help": "Train on CPU even if an accelerator is present."})
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={"help": "Stop once the held-out loss (eval 'loss') has not improved for this many evaluations."})
 
     def validate(self) -> None:
         if not self.output_dir:
@@ -128,7 +126,10 @@ class TrainingArguments:
                      "num_train_epochs", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "eval_steps"):
+        if self.early_stopping_patience is not None and not self.eval_steps:
+            raise ValueError("--early_stopping_patience needs --eval_steps (it counts evaluations)")
+        for name in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "eval_steps",
+                     "early_stopping_patience"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be >= 1 (or unset), got {value}")
@@ -240,126 +241,6 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 # checkpoints
 
 
-def _checkpoint_step(path: Path) -> int | None:
-    match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
-    return int(match.group(1)) if match else None
-
-
-def validate_checkpoint(path: str | os.PathLike) -> dict:
-    """Check that `path` is a complete checkpoint and return its training state.
-
-    Raises ValueError naming the directory and what is wrong: no directory, no completion marker
-    (interrupted while saving), a file listed in the marker missing or of the wrong size (truncated),
-    or unreadable JSON.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"checkpoint {path} does not exist or is not a directory")
-    marker = path / CHECKPOINT_MARKER
-    if not marker.is_file():
-        raise ValueError(f"checkpoint {path} is incomplete: no {CHECKPOINT_MARKER} (the save was interrupted)")
-    try:
-        manifest = json.loads(marker.read_text())
-        expected = dict(manifest["files"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"checkpoint {path}: {CHECKPOINT_MARKER} is unreadable ({err})") from None
-    problems = []
-    for name in REQUIRED_CHECKPOINT_FILES:
-        if name not in expected:
-            problems.append(f"{name} not in manifest")
-    if not any(name in expected for name in MODEL_WEIGHT_FILES):
-        problems.append(f"no model weights ({' or '.join(MODEL_WEIGHT_FILES)})")
-    for name, size in expected.items():
-        file = path / name
-        if not file.is_file():
-            problems.append(f"{name} is missing")
-        elif file.stat().st_size != size:
-            problems.append(f"{name} has {file.stat().st_size} bytes, expected {size} (truncated or modified)")
-    if problems:
-        raise ValueError(f"checkpoint {path} is corrupt: " + "; ".join(problems))
-    try:
-        state = json.loads((path / TRAINING_STATE).read_text())
-        int(state["step"]), int(state["epoch"]), int(state["micro_batches_in_epoch"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"checkpoint {path}: {TRAINING_STATE} is unreadable ({err!r})") from None
-    return state
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """`step_<N>` directories under output_dir/checkpoints, oldest first (complete or not)."""
-    root = Path(output_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _checkpoint_step(p) is not None]
-    return sorted(found, key=_checkpoint_step)
-
-
-def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """Newest complete checkpoint in output_dir; corrupt or partial ones are skipped with a warning."""
-    for path in reversed(list_checkpoints(output_dir)):
-        try:
-            validate_checkpoint(path)
-            return path
-        except ValueError as err:
-            logger.warning("skipping %s", err)
-    return None
-
-
-def resolve_checkpoint(output_dir: str | os.PathLike, resume_from_checkpoint: str | None) -> Path | None:
-    """The checkpoint to resume from: None (fresh start), the newest complete one for 'latest', or the
-    given path, which must be a complete checkpoint (ValueError otherwise)."""
-    if not resume_from_checkpoint:
-        return None
-    if resume_from_checkpoint == "latest":
-        return find_latest_checkpoint(output_dir)
-    validate_checkpoint(resume_from_checkpoint)
-    return Path(resume_from_checkpoint)
-
-
-def remove_partial_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Delete leftovers of interrupted saves (`checkpoints/.tmp-step_*`); returns what was removed."""
-    root = Path(output_dir) / CHECKPOINTS_DIR
-    removed = sorted(root.glob(f"{TMP_CHECKPOINT_PREFIX}*")) if root.is_dir() else []
-    for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
-    return removed
-
-
-def _fsync_tree(path: Path) -> None:
-    for file in path.iterdir():
-        if file.is_file():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-
-
-def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, training_state: dict,
-                    total_limit: int | None = None) -> Path:
-    """Atomically save a resumable checkpoint as checkpoints/step_<training_state['step']> (all ranks call this)."""
-    root = Path(output_dir) / CHECKPOINTS_DIR
-    step = int(training_state["step"])
-    tmp, final = root / f"{TMP_CHECKPOINT_PREFIX}{step}", root / f"{CHECKPOINT_PREFIX}{step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # rank 0: weights, optimizer, scheduler, EMA/task; every rank: its RNG
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / TRAINING_STATE).write_text(json.dumps(training_state, indent=2))
-        _fsync_tree(tmp)  # the data must be on disk before the marker says it is
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / CHECKPOINT_MARKER).write_text(json.dumps({"step": step, "files": files}, indent=2))
-        if final.exists():  # a stale checkpoint of the same step from an earlier attempt
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if total_limit is not None:
-            complete = [p for p in list_checkpoints(output_dir) if (p / CHECKPOINT_MARKER).is_file()]
-            for old in complete[:-total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
 # ----------------------------------------------------------------------------------------------------
 # the loop
 
@@ -469,20 +350,19 @@ def run_training(args: TrainingArguments, task: TrainingTask) -> TrainingResult:
     if args.ema_decay > 0:  # an fp32 shadow copy, updated after every optimizer step; never wrapped by DDP
         ema = AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay))
         ema.eval()
-        accelerator.register_for_checkpointing(ema)
-    if callable(getattr(task, "state_dict", None)) and callable(getattr(task, "load_state_dict", None)):
-        accelerator.register_for_checkpointing(task)
+    stateful_task = callable(getattr(task, "state_dict", None)) and callable(getattr(task, "load_state_dict", None))
+    checkpointed = dict(model=model, optimizer=optimizer, scheduler=scheduler, ema=ema,
+                        task=task if stateful_task else None)
 
     # Resume.
     completed_steps, start_epoch, skip_batches = 0, 0, 0
+    best_loss, evals_without_improvement = None, 0  # early stopping on the held-out loss
     if checkpoint is not None:
         state = validate_checkpoint(checkpoint)
-        try:
-            accelerator.load_state(str(checkpoint))
-        except Exception as err:  # a file that passed the size check but does not load
-            raise ValueError(f"checkpoint {checkpoint} could not be loaded: {type(err).__name__}: {err}") from err
+        load_checkpoint(accelerator, checkpoint, **checkpointed)
         completed_steps, start_epoch = int(state["step"]), int(state["epoch"])
         skip_batches = int(state["micro_batches_in_epoch"])
+        best_loss, evals_without_improvement = state.get("best_eval_loss"), int(state.get("evals_without_improvement", 0))
         if not iterable and skip_batches >= len(train_dataloader):  # saved right at the end of an epoch
             start_epoch, skip_batches = start_epoch + 1, 0
         geometry = {"num_processes": accelerator.num_processes, "per_device_train_batch_size":
@@ -554,6 +434,11 @@ def run_training(args: TrainingArguments, task: TrainingTask) -> TrainingResult:
                 continue
 
             completed_steps += 1
+            if not torch.isfinite(loss_sum).all():
+                raise FloatingPointError(
+                    f"the training loss is not finite at step {completed_steps} (after {micro_batches} micro-batches "
+                    "since the last log line); stopping without saving. Lower --learning_rate, check the data, or "
+                    "resume from the last checkpoint.")
             if ema is not None:
                 ema.update_parameters(accelerator.unwrap_model(model))
             progress.update(1)
@@ -576,6 +461,11 @@ def run_training(args: TrainingArguments, task: TrainingTask) -> TrainingResult:
             if args.eval_steps and completed_steps % args.eval_steps == 0:
                 metrics, last_eval_step = evaluate(), completed_steps
                 log_metrics(metrics)
+                if "loss" in metrics:
+                    if best_loss is None or metrics["loss"] < best_loss:
+                        best_loss, evals_without_improvement = metrics["loss"], 0
+                    else:
+                        evals_without_improvement += 1
 
             if args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0:
                 training_state = {
@@ -584,10 +474,17 @@ def run_training(args: TrainingArguments, task: TrainingTask) -> TrainingResult:
                     "num_processes": accelerator.num_processes,
                     "per_device_train_batch_size": args.per_device_train_batch_size,
                     "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                    "rng": "python/numpy/torch(/cuda) states per rank in random_states_<rank>.pkl",
+                    "best_eval_loss": best_loss, "evals_without_improvement": evals_without_improvement,
+                    "rng": "python/numpy/torch(/cuda) states per rank in rng_<rank>.{safetensors,json}",
                 }
-                save_checkpoint(accelerator, output_dir, training_state, args.checkpoints_total_limit)
+                save_checkpoint(accelerator, output_dir, training_state, total_limit=args.checkpoints_total_limit,
+                                **checkpointed)
             window_start += time.time() - paused
+            if args.early_stopping_patience and evals_without_improvement >= args.early_stopping_patience:
+                accelerator.print(f"early stop at step {completed_steps}: the held-out loss has not improved on "
+                                  f"{best_loss:.4f} for {evals_without_improvement} evaluations")
+                log({"step": completed_steps, "event": "early_stop", "best_eval_loss": best_loss})
+                max_train_steps = completed_steps
             if completed_steps >= max_train_steps:
                 break
         epoch += 1
@@ -630,6 +527,6 @@ def run_training(args: TrainingArguments, task: TrainingTask) -> TrainingResult:
 
 __all__ = [
     "TrainingArguments", "TrainingTask", "TrainingResult", "run_training", "parse_args", "process_state", "load_config",
-    "parameter_groups", "save_checkpoint", "validate_checkpoint", "find_latest_checkpoint", "resolve_checkpoint",
-    "list_checkpoints", "remove_partial_checkpoints",
+    "parameter_groups", "save_checkpoint", "load_checkpoint", "validate_checkpoint", "find_latest_checkpoint",
+    "resolve_checkpoint", "list_checkpoints", "remove_partial_checkpoints",
 ]

@@ -24,7 +24,7 @@ _POSITION_ENCODINGS = ("rope", "learned", "none")
 
 class TRMConfig(PreTrainedConfig):
     model_type = "trm_lm"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     vocab_size: int = 4096
     hidden_size: int = 256

@@ -38,9 +38,18 @@ def rms_norm(hidden: torch.Tensor, eps: float) -> torch.Tensor:
     return hidden.to(dtype)
 
 
+# Standard deviation of a standard normal truncated to [-2, 2]: sqrt(1 - 4 phi(2) / (Phi(2) - Phi(-2))) ~ 0.880.
+_TRUNCATED_STD_AT_2 = math.sqrt(1.0 - 4.0 * math.exp(-2.0) / math.sqrt(2.0 * math.pi) / math.erf(math.sqrt(2.0)))
+
+
 def trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
-    """Truncated normal in [-2 std, 2 std] (the official init, JAX style); skips weights loaded from a checkpoint."""
-    return init.trunc_normal_(tensor, mean=0.0, std=std, a=-2 * std, b=2 * std)
+    """Truncated normal whose *actual* standard deviation is `std` (official `trunc_normal_init_`, JAX style).
+
+    torch's `trunc_normal_(std=s)` has std 0.88 s after truncation at +-2 s, so the untruncated normal is
+    widened by 1 / 0.88 and cut at +-2 of the widened std. Skips weights loaded from a checkpoint.
+    """
+    wide = std / _TRUNCATED_STD_AT_2
+    return init.trunc_normal_(tensor, mean=0.0, std=wide, a=-2 * wide, b=2 * wide)
 
 
 class HaltHead(nn.Linear):
@@ -94,18 +103,18 @@ class SelfAttention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def forward(self, hidden, rotary, attention_mask, past_key_values, layer_idx, copy_from_idx, frozen):
+    def forward(self, hidden, rotary, attention_mask, cache, layer_idx, copy_from_idx, frozen):
         B, T, C = hidden.shape
         q, k, v = self.qkv_proj(hidden).view(B, T, 3, self.num_heads, self.head_dim).transpose(1, 3).unbind(2)
         # q, k, v: (B, nh, T, hd)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        if past_key_values is not None:
+        if cache is not None:
             if frozen is not None:  # halted positions: keys/values copied forward, not recomputed
-                old_k, old_v = cached_chunk(past_key_values, copy_from_idx, T)
+                old_k, old_v = cached_chunk(cache, copy_from_idx, T)
                 keep = frozen[:, None, :, None]  # (B, 1, T, 1)
                 k, v = torch.where(keep, old_k, k), torch.where(keep, old_v, v)
-            k, v = past_key_values.update(k, v, layer_idx)  # (B, nh, past + T, hd)
+            k, v = cache.update(k, v, layer_idx)  # (B, nh, past + T, hd)
         is_causal = self.causal and attention_mask is None and T > 1 and k.shape[2] == T
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=is_causal)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, C))
@@ -133,14 +142,14 @@ class TRMBlock(GradientCheckpointingLayer):
         self.mixer = SelfAttention(config) if config.mixer == "attention" else SequenceMLP(config)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def _mix(self, hidden, rotary, attention_mask, past_key_values, layer_idx, copy_from_idx, frozen):
+    def _mix(self, hidden, rotary, attention_mask, cache, layer_idx, copy_from_idx, frozen):
         if self.mixer_kind == "attention":
-            return self.mixer(hidden, rotary, attention_mask, past_key_values, layer_idx, copy_from_idx, frozen)
+            return self.mixer(hidden, rotary, attention_mask, cache, layer_idx, copy_from_idx, frozen)
         return self.mixer(hidden)
 
-    def forward(self, hidden, rotary=None, attention_mask=None, past_key_values=None, layer_idx=0,
+    def forward(self, hidden, rotary=None, attention_mask=None, cache=None, layer_idx=0,
                 copy_from_idx=None, frozen=None):
-        mix = (hidden, rotary, attention_mask, past_key_values, layer_idx, copy_from_idx, frozen)
+        mix = (hidden, rotary, attention_mask, cache, layer_idx, copy_from_idx, frozen)
         if self.post_norm:
             if self.mixer_kind == "mlp":  # official TRM-MLP normalises the token-mixed stream over the sequence axis
                 hidden = rms_norm((hidden + self._mix(*mix)).transpose(1, 2), self.eps).transpose(1, 2)
@@ -195,11 +204,11 @@ class TRMCore(nn.Module):
         z = self.z_init.to(dtype).expand(batch, length, -1)
         return y, z
 
-    def net(self, hidden, base_layer, *, rotary=None, attention_mask=None, past_key_values=None, frozen=None):
+    def net(self, hidden, base_layer, *, rotary=None, attention_mask=None, cache=None, frozen=None):
         copy_stride = self.layers_per_step
         for i, block in enumerate(self.blocks):
             idx = base_layer + i
-            hidden = block(hidden, rotary=rotary, attention_mask=attention_mask, past_key_values=past_key_values,
+            hidden = block(hidden, rotary=rotary, attention_mask=attention_mask, cache=cache,
                            layer_idx=idx, copy_from_idx=idx - copy_stride, frozen=frozen)
         return rms_norm(hidden, self.eps) if self.pre_norm else hidden
 
@@ -213,7 +222,7 @@ class TRMCore(nn.Module):
             return self.combine_answer(torch.cat([y, z], dim=-1))
         return y + z
 
-    def supervision_step(self, x, y, z, step: int = 0, *, rotary=None, attention_mask=None, past_key_values=None,
+    def supervision_step(self, x, y, z, step: int = 0, *, rotary=None, attention_mask=None, cache=None,
                          frozen=None):
         """One deep-supervision step: T cycles of (n latent updates, 1 answer update); gradient only in the last.
 
@@ -223,12 +232,12 @@ class TRMCore(nn.Module):
         """
         if frozen is not None and not frozen.any():
             frozen = None
-        if frozen is not None and past_key_values is None:
+        if frozen is not None and cache is None:
             raise ValueError("frozen (halted) positions need a KV cache to copy their keys/values forward")
         if frozen is not None and frozen.all():
-            self._copy_forward(past_key_values, step, x.shape[1])
+            self._copy_forward(cache, step, x.shape[1])
             return y, z
-        common = dict(rotary=rotary, attention_mask=attention_mask, past_key_values=past_key_values, frozen=frozen)
+        common = dict(rotary=rotary, attention_mask=attention_mask, cache=cache, frozen=frozen)
         y_in, z_in = y, z
         for cycle in range(self.cycles):
             with torch.no_grad() if cycle < self.cycles - 1 else nullcontext():
@@ -240,12 +249,12 @@ class TRMCore(nn.Module):
             y, z = torch.where(keep, y_in, y), torch.where(keep, z_in, z)
         return y, z
 
-    def _copy_forward(self, past_key_values, step: int, length: int) -> None:
+    def _copy_forward(self, cache, step: int, length: int) -> None:
         """Every position of the chunk has halted: fill this step's slots without running the network."""
         first = step * self.layers_per_step
         for idx in range(first, first + self.layers_per_step):
-            k, v = cached_chunk(past_key_values, idx - self.layers_per_step, length)
-            past_key_values.update(k, v, idx)
+            k, v = cached_chunk(cache, idx - self.layers_per_step, length)
+            cache.update(k, v, idx)
 
     def halt_logits(self, y: torch.Tensor) -> torch.Tensor:
         return self.halt_head(y).squeeze(-1).float()  # (B, T)
