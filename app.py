@@ -90,13 +90,15 @@ def build_demo(model, tokenizer, *, max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP
             yield story, gr.skip(), gr.skip(), gr.skip()
 
         if not trm:
-            yield story, [], None, " ".join(notes + [f"{len(result.token_ids[0])} new tokens."])
+            count = len(result.token_ids[0])
+            yield story, [], None, " ".join(notes + [f"{count} new token{'' if count == 1 else 's'}."])
             return
         traces = traces_from_records(result.records, tokenizer)
         depth = [(prompt, None)] + [(trace.token, steps_label(trace.steps_used)) for trace in traces]
         headers, rows = trace_rows(traces)
         mean = sum(trace.steps_used for trace in traces) / max(1, len(traces))
-        summary = (f"{len(traces)} new tokens; supervision steps per token: {steps_summary(traces)} "
+        plural = "" if len(traces) == 1 else "s"
+        summary = (f"{len(traces)} new token{plural}; supervision steps per token: {steps_summary(traces)} "
                    f"(mean {mean:.2f} of {max_steps}).")
         yield story, depth, {"headers": headers, "data": rows}, " ".join(notes + [summary])
 

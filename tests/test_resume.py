@@ -181,7 +181,8 @@ def test_unloadable_checkpoint_names_the_directory(reference, data, tmp_path):
     proc = subprocess.run(_command(tmp_path / "out", data, "--resume_from_checkpoint", str(checkpoint)),
                           capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
     assert proc.returncode != 0
-    assert f"ValueError: checkpoint {checkpoint} could not be loaded" in proc.stderr
+    assert f"error: checkpoint {checkpoint} could not be loaded" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def _rewrite_manifest(checkpoint):
@@ -261,3 +262,15 @@ def test_latest_falls_back_when_same_size_damage_breaks_the_newest(reference, tm
     rng = root / "step_30" / "rng_0.safetensors"
     rng.write_bytes(b"\0" * rng.stat().st_size)  # zeroed RNG state: refused, never a silent non-exact resume
     assert find_latest_checkpoint(tmp_path / "out") is None
+
+
+@pytest.mark.parametrize("flag, value", [("--learning_rate", "0.01"), ("--gradient_accumulation_steps", "2")])
+def test_resume_with_changed_settings_is_refused(reference, data, tmp_path, flag, value):
+    output_dir = tmp_path / "changed"
+    shutil.copytree(reference / "checkpoints" / "step_20", output_dir / "checkpoints" / "step_20")
+    shutil.copytree(reference / "tokenizer", output_dir / "tokenizer")
+    proc = subprocess.run(_command(output_dir, data, "--resume_from_checkpoint", "latest", flag, value),
+                          capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    assert proc.returncode != 0
+    assert f"changed settings ({flag}" in proc.stderr and "--init_from" in proc.stderr
+    assert not (output_dir / "log.jsonl").exists() or "loss" not in (output_dir / "log.jsonl").read_text()

@@ -329,3 +329,10 @@ def test_early_stopping_on_the_held_out_loss(tmp_path):
     assert any(r.get("event") == "early_stop" for r in _log(tmp_path))
     with pytest.raises(ValueError, match="needs --eval_steps"):
         _args(tmp_path, early_stopping_patience=2).validate()
+
+
+def test_empty_training_data_is_a_clear_error(tmp_path):
+    task = CountingTask()
+    task.train_dataset = CountingSequences(0, seed=0)
+    with pytest.raises(ValueError, match="training dataset is empty"):
+        run_training(_args(tmp_path), task)

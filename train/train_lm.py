@@ -206,4 +206,7 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:  # user errors: one line, no traceback
+        sys.exit(f"error: {' '.join(str(error).split())}")

@@ -295,6 +295,14 @@ def _hardware(accelerator: Accelerator) -> str:
     return f"{accelerator.num_processes} x {name}"
 
 
+def _resume_settings(args: TrainingArguments, accelerator: Accelerator) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint for it to continue exactly."""
+    names = ("max_train_steps", "num_train_epochs", "seed", "per_device_train_batch_size",
+             "gradient_accumulation_steps", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2",
+             "lr_scheduler_type", "num_warmup_steps", "max_grad_norm", "ema_decay", "mixed_precision")
+    return {"num_processes": accelerator.num_processes, **{name: getattr(args, name) for name in names}}
+
+
 def _write_log(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -318,8 +326,11 @@ def run_training(args: TrainingArguments, task: TrainingTask) -> TrainingResult:
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores; bf16 autocast is unaffected
     set_seed(args.seed)
 
-    model = task.build_model()
     iterable = isinstance(task.train_dataset, IterableDataset)
+    if not iterable and len(task.train_dataset) == 0:
+        raise ValueError("the training dataset is empty: no training example could be made from the data (is the "
+                         "training text shorter than one --block_size block, or was it all held out?)")
+    model = task.build_model()
     train_dataloader = DataLoader(
         task.train_dataset, batch_size=args.per_device_train_batch_size, shuffle=not iterable,
         collate_fn=task.collate, num_workers=args.dataloader_num_workers,
@@ -365,12 +376,13 @@ def run_training(args: TrainingArguments, task: TrainingTask) -> TrainingResult:
         best_loss, evals_without_improvement = state.get("best_eval_loss"), int(state.get("evals_without_improvement", 0))
         if not iterable and skip_batches >= len(train_dataloader):  # saved right at the end of an epoch
             start_epoch, skip_batches = start_epoch + 1, 0
-        geometry = {"num_processes": accelerator.num_processes, "per_device_train_batch_size":
-                    args.per_device_train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps}
-        changed = {k: (state.get(k), v) for k, v in geometry.items() if state.get(k) != v}
-        if changed:
-            logger.warning("resuming with a different batch geometry %s: the data order will not match the "
-                           "original run exactly", changed)
+        expected = _resume_settings(args, accelerator)
+        changed = {k: (state[k], v) for k, v in expected.items() if k in state and state[k] != v}
+        if changed:  # the optimizer/scheduler state and the data position belong to the old settings
+            listed = ", ".join(f"--{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise ValueError(f"resuming {checkpoint} with changed settings ({listed}): the run would not continue "
+                             "as it started. Resume with the original settings, or start a new run from these "
+                             "weights (train_lm.py --init_from <a saved model>)")
         accelerator.print(f"resumed from {checkpoint} at step {completed_steps} (epoch {start_epoch}, "
                           f"{skip_batches} micro-batches into it)")
     elif args.resume_from_checkpoint == "latest":
@@ -470,10 +482,7 @@ def run_training(args: TrainingArguments, task: TrainingTask) -> TrainingResult:
             if args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0:
                 training_state = {
                     "step": completed_steps, "epoch": epoch, "micro_batches_in_epoch": consumed,
-                    "max_train_steps": max_train_steps, "seed": args.seed,
-                    "num_processes": accelerator.num_processes,
-                    "per_device_train_batch_size": args.per_device_train_batch_size,
-                    "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                    **_resume_settings(args, accelerator),
                     "best_eval_loss": best_loss, "evals_without_improvement": evals_without_improvement,
                     "rng": "python/numpy/torch(/cuda) states per rank in rng_<rank>.{safetensors,json}",
                 }
