@@ -69,7 +69,8 @@ def test_story_streams_into_the_page_with_its_depth_view(browser, app, tmp_path)
     depth = browser.find_element(By.CSS_SELECTOR, "#depth")
     tokens = depth.find_elements(By.CSS_SELECTOR, ".token.highlighted")
     legend = [item.text for item in depth.find_elements(By.CSS_SELECTOR, ".legend-item")]
-    assert legend == ["1 step", "2 steps"]
+    # the colour scale covers every depth the app can run: up to 2x the fixture's 2 trained steps
+    assert legend == ["1 step", "2 steps", "3 steps", "4 steps"]
     colours = {token.value_of_css_property("background-color") for token in tokens}
     assert len(colours) == 2  # tokens that exited after step 1 and tokens that ran both look different
     status = browser.find_element(By.CSS_SELECTOR, "#status").text
