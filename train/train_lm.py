@@ -31,6 +31,7 @@ from trm_lm.baselines import llama_config_from_trm, trm_config_from_flags  # noq
 from trm_lm.data import (build_lm_datasets, expand_data_files, load_or_train_tokenizer, load_text_datasets,  # noqa: E402
                          read_documents)
 from trm_lm.evaluate import bits_per_byte  # noqa: E402
+from trm_lm.generation import one_line  # noqa: E402
 from trm_lm.model_card import TRM_PAPER, render_model_card  # noqa: E402
 from trm_lm.training import (TrainingArguments, TrainingTask, parse_args, process_state,  # noqa: E402
                              run_training)
@@ -139,7 +140,9 @@ class CausalLMTask(TrainingTask):
     def score_report_files(self, model) -> dict[str, float]:
         """Bits/byte of the final model on each --report_file (fp32, whole documents), keyed by file stem."""
         scores = {}
-        for path in expand_data_files(self.data_args.report_file or []) if self.data_args.report_file else []:
+        if not self.data_args.report_file:
+            return scores
+        for path in expand_data_files(self.data_args.report_file):
             documents = read_documents(path)[: self.data_args.max_report_documents]
             with torch.no_grad():
                 result = bits_per_byte(model.eval(), self.tokenizer, documents,
@@ -209,4 +212,4 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, FileNotFoundError, FloatingPointError) as error:  # user errors: one line, no traceback
-        sys.exit(f"error: {' '.join(str(error).split())}")
+        sys.exit(f"error: {one_line(error)}")

@@ -103,12 +103,17 @@ class SelfAttention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def forward(self, hidden, rotary, attention_mask, cache, layer_idx, copy_from_idx, frozen):
-        B, T, C = hidden.shape
+    def project(self, hidden, rotary):
+        """q, k, v: (B, nh, T, hd), rotary applied to q and k."""
+        B, T, _ = hidden.shape
         q, k, v = self.qkv_proj(hidden).view(B, T, 3, self.num_heads, self.head_dim).transpose(1, 3).unbind(2)
-        # q, k, v: (B, nh, T, hd)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        return q, k, v
+
+    def forward(self, hidden, rotary, attention_mask, cache, layer_idx, copy_from_idx, frozen):
+        B, T, C = hidden.shape
+        q, k, v = self.project(hidden, rotary)
         if cache is not None:
             if frozen is not None:  # halted positions: keys/values copied forward, not recomputed
                 old_k, old_v = cached_chunk(cache, copy_from_idx, T)

@@ -34,7 +34,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_trm import TRMConfig
-from .core import SelfAttention, TRMCore, apply_rotary, init_trm_weights
+from .core import SelfAttention, TRMCore, init_trm_weights
 
 _FROM_CONFIG = "config"  # halt_threshold default: use config.halt_threshold
 
@@ -134,10 +134,8 @@ def recorded_outputs(model: "TRMModel", hidden_states: bool, attentions: bool):
 
 def attention_weights(attention: SelfAttention, hidden, rotary, attention_mask, cache, layer_idx):
     """softmax(q k^T / sqrt(d) + mask) of one attention call: (B, heads, T, keys)."""
-    B, T, _ = hidden.shape
-    q, k, _ = attention.qkv_proj(hidden).view(B, T, 3, attention.num_heads, attention.head_dim).transpose(1, 3).unbind(2)
-    if rotary is not None:
-        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+    T = hidden.shape[1]
+    q, k, _ = attention.project(hidden, rotary)
     if cache is not None:
         k = cache.layers[layer_idx].keys  # after this call's update: past + this chunk (copied-forward included)
     scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(attention.head_dim)  # (B, nh, T, K)
