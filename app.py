@@ -7,11 +7,14 @@ supervision steps it ran: with a halt threshold, a token the model is already su
 first step(s) (per-token ACT). The table under "Per-step predictions" lists the top predictions after
 each step. Runs offline and local-only: analytics off, no share link, 127.0.0.1 unless --host says otherwise.
 The same function is an API endpoint, `/generate` (gradio_client: `Client(url).predict(..., api_name="/generate")`).
+Many users at once: their requests are decoded together in one batch (trm_lm/serving.py), so serving 16 users
+costs little more than serving one; a seeded request gives the same story whoever else is being served.
 """
 
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported
@@ -28,14 +31,18 @@ from trm_lm.generation import (  # noqa: E402
     is_trm,
     load_model_and_tokenizer,
     one_line,
-    stream_generate,
 )
 from trm_lm.inspection import steps_label, steps_summary, trace_rows, traces_from_records  # noqa: E402
+from trm_lm.serving import BatchedDecoder  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent
 MAX_PROMPT_CHARS = 4000  # checked before tokenizing, so a pasted book cannot tie up the server
 MAX_NEW_TOKENS_CAP = 512
 PREDICTIONS_PER_STEP = 3
+CONCURRENCY = 16  # requests served at once (gradio worker threads), all decoded in one batch
+# seconds between story updates while streaming: every update is an event through gradio's queue, which with
+# many users costs more than the decoding itself; 10 updates a second still reads as streaming
+STREAM_INTERVAL = 0.1
 EXAMPLES = ["Once upon a time, there was a little dog named Max.", "Lily and Tom went to the park.",
             "The sun was hot, so the cat"]
 # cool to hot: green = exited after the first step, dark red = ran every supervision step
@@ -43,8 +50,9 @@ DEPTH_COLOURS = ["#48bb78", "#ecc94b", "#ed8936", "#e53e3e", "#9b2c2c"]
 
 
 def build_demo(model, tokenizer, *, max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP,
-               max_prompt_chars: int = MAX_PROMPT_CHARS, default_seed: int | None = None) -> gr.Blocks:
-    """The app around a loaded model; `demo.queue(...).launch(...)` it (see main)."""
+               max_prompt_chars: int = MAX_PROMPT_CHARS, default_seed: int | None = None,
+               max_batch_size: int = CONCURRENCY, stream_interval: float = STREAM_INTERVAL) -> gr.Blocks:
+    """The app around a loaded model; `serve(demo, ...)` it (see main). `demo.decoder` is its BatchedDecoder."""
     trm = is_trm(model)
     trained_steps = model.config.supervision_steps if trm else 1
     max_steps = TEST_TIME_DEPTH * trained_steps if trm else 1  # thinking longer than trained: up to 2x
@@ -54,12 +62,18 @@ def build_demo(model, tokenizer, *, max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP
     colour_map = {steps_label(s): DEPTH_COLOURS[round((s - 1) * (len(DEPTH_COLOURS) - 1) / max(1, max_steps - 1))]
                   for s in range(1, max_steps + 1)}
 
+    decoder = BatchedDecoder(model, tokenizer, max_batch_size=max_batch_size)
+
+    def user_error(message: str) -> gr.Error:
+        """A message for the user; not a server-side traceback (the server is fine)."""
+        return gr.Error(message, print_exception=False)
+
     def generate(prompt, temperature, top_p, max_new_tokens, halt_threshold, supervision_steps, seed):
         """Stream the story; end with the depth view, the per-step table and a summary."""
         if not isinstance(prompt, str) or not prompt.strip():
-            raise gr.Error("The prompt is empty: type the beginning of a story, e.g. 'Once upon a time'.")
+            raise user_error("The prompt is empty: type the beginning of a story, e.g. 'Once upon a time'.")
         if len(prompt) > max_prompt_chars:
-            raise gr.Error(f"The prompt is {len(prompt):,} characters long; the limit is {max_prompt_chars:,}.")
+            raise user_error(f"The prompt is {len(prompt):,} characters long; the limit is {max_prompt_chars:,}.")
         try:
             settings = GenerationSettings(
                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -70,31 +84,37 @@ def build_demo(model, tokenizer, *, max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP
                 raise ValueError(f"max new tokens must be at most {max_new_tokens_cap} here, "
                                  f"got {settings.max_new_tokens}")
             encoded = encode_prompt(tokenizer, prompt, settings.max_new_tokens, context)
-            stream = stream_generate(model, tokenizer, encoded, settings,
-                                     trace_top_k=PREDICTIONS_PER_STEP if trm else 0)
+            stream = decoder.submit(encoded, settings, trace_top_k=PREDICTIONS_PER_STEP if trm else 0)
         except ValueError as error:
-            raise gr.Error(one_line(error)) from error
+            raise user_error(one_line(error)) from error
         notes = []
         if encoded.warning:
             gr.Warning(encoded.warning)
             notes.append(f"Note: {encoded.warning}.")
+            # the story is what the model saw: the kept end of the prompt, marked as cut
+            prompt = "…" + tokenizer.decode(encoded.input_ids[0].tolist(), skip_special_tokens=True)
 
         story = prompt
-        yield story, [], None, "Generating…"
+        # every update sends all four outputs: gr.skip() would make gradio build three components per update
+        generating = ([], None, "Generating…")
+        yield story, *generating
+        last_update = time.monotonic()
         while True:
             try:
                 story += next(stream)
             except StopIteration as finished:
                 result = finished.value
                 break
-            yield story, gr.skip(), gr.skip(), gr.skip()
+            if time.monotonic() - last_update >= stream_interval:
+                last_update = time.monotonic()
+                yield story, *generating
 
         if not trm:
             count = len(result.token_ids[0])
             yield story, [], None, " ".join(notes + [f"{count} new token{'' if count == 1 else 's'}."])
             return
         traces = traces_from_records(result.records, tokenizer)
-        depth = [(prompt, None)] + [(trace.token, steps_label(trace.steps_used)) for trace in traces]
+        depth = [(prompt, None)] + [(chip_text(trace.token), steps_label(trace.steps_used)) for trace in traces]
         headers, rows = trace_rows(traces)
         mean = sum(trace.steps_used for trace in traces) / max(1, len(traces))
         plural = "" if len(traces) == 1 else "s"
@@ -114,7 +134,7 @@ def build_demo(model, tokenizer, *, max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP
                 temperature = gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="Temperature (0 = greedy)")
                 top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p")
                 max_new_tokens = gr.Slider(1, max_new_tokens_cap, value=min(128, max(1, max_new_tokens_cap // 2)),
-                                           step=1, label="Max new tokens")
+                                           step=1, label="Max new tokens", elem_id="max-new-tokens")
                 # on by default (the config's value, else 0.9): with it off every token runs every step
                 halt_threshold = gr.Slider(
                     0.0, 1.0, value=(model.config.halt_threshold or 0.9) if trm else 0.0, step=0.01, visible=trm,
@@ -138,8 +158,22 @@ def build_demo(model, tokenizer, *, max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP
         event = run.click(generate, inputs=[prompt, temperature, top_p, max_new_tokens, halt_threshold,
                                             supervision_steps, seed],
                           outputs=[story, depth, predictions, status], api_name="generate")
-        stop.click(None, cancels=[event])
+        # the story so far stays; the summary says it was stopped instead of "Generating…" forever
+        stop.click(lambda: "Stopped: the story above is as far as it got.", outputs=[status], cancels=[event],
+                   queue=False)
+    demo.decoder = decoder
     return demo
+
+
+def chip_text(token: str) -> str:
+    """A token as the depth view shows it: a line break gets a visible "↵" before it, so that a newline
+    token has a chip to colour and the story keeps its lines."""
+    return token.replace("\n", "↵\n")
+
+
+def serve(demo: gr.Blocks, concurrency: int = CONCURRENCY) -> gr.Blocks:
+    """Queue `demo` as main does: `concurrency` requests in flight (decoded together), 64 more may wait."""
+    return demo.queue(default_concurrency_limit=concurrency, max_size=64)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -149,8 +183,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    parser.add_argument("--concurrency", type=int, default=1,
-                        help="generations run at once; 1 keeps seeded results reproducible (torch's RNG is global)")
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY,
+                        help="requests served at once, decoded together in one batch (seeded results do not "
+                             "depend on it)")
     parser.add_argument("--max_new_tokens_cap", type=int, default=MAX_NEW_TOKENS_CAP)
     parser.add_argument("--seed", type=int, default=None, help="the seed box's initial value (default: random)")
     return parser.parse_args(argv)
@@ -167,9 +202,16 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
-    demo = build_demo(model, tokenizer, max_new_tokens_cap=args.max_new_tokens_cap, default_seed=args.seed)
-    demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
-    demo.launch(server_name=args.host, server_port=args.port, share=False, show_error=True)
+    demo = build_demo(model, tokenizer, max_new_tokens_cap=args.max_new_tokens_cap, default_seed=args.seed,
+                      max_batch_size=args.concurrency)
+    # quiet: gradio's banner suggests a public share link, which this local app never makes; say where it is instead
+    serve(demo, args.concurrency).launch(server_name=args.host, server_port=args.port, share=False, show_error=True,
+                                         quiet=True, prevent_thread_lock=True)
+    print(f"Serving the story app on http://{args.host}:{demo.server_port}/ (Ctrl-C stops it)", flush=True)
+    try:
+        demo.block_thread()
+    finally:
+        demo.decoder.close()
     return 0
 
 

@@ -1,16 +1,17 @@
-"""Bounded load test of the Gradio app: N requests, C in flight at a time, against app.py on 127.0.0.1.
+"""Load test of the Gradio app: one user, then many at once, against one app.py on 127.0.0.1.
 
-    python benchmarks/app_load.py                                  # a tiny random TRM, 32 requests, 8 concurrent
-    python benchmarks/app_load.py --model checkpoints/trm-tinystories-small --requests 64 --concurrency 8
+    python benchmarks/app_load.py                                   # the shipped model; 1 and 16 users
+    python benchmarks/app_load.py --users 1 4 16 --max_new_tokens 64 --update-results
 
 Starts `python app.py` as a child process on a free loopback port (so that its memory is measured alone),
-waits until it answers, sends one warm-up request, then `--requests` requests to /generate with gradio_client
-(`Client.submit`), never more than `--concurrency` in flight. Measures per-request latency (submit -> final
-result), throughput, generated tokens per second, and the server's resident memory (RSS): when ready, after
-the warm-up, peak while loaded, and after. The app runs `--server_concurrency` generations at once (app.py's
-own default is 1: the others queue), so the latency includes queueing. Everything is bounded: start-up by
---startup_timeout, the load by --timeout; the server is stopped at the end whatever happened.
-Writes benchmarks/results/app_load.json and app_load.md (or --out).
+waits until it answers, sends one warm-up request, then for each level in `--users`: that many users, each
+sending `--requests_per_user` requests one after the other (a closed loop: a user sends the next request
+when the last answer arrived) to /generate with gradio_client. Measures per-request latency (submit ->
+final result, queueing included), generated tokens per second over the level, and the server's resident
+memory. The table compares every level with one user: the app decodes concurrent users together in one
+batch (trm_lm/serving.py), so throughput should grow with users while latency barely does. Bounded:
+start-up by --startup_timeout, each level by --timeout; the server is stopped at the end whatever happened.
+Writes outputs/benchmarks/app_load.{json,md}; with --update-results benchmarks/results/app_load.{json,md}.
 """
 
 import argparse
@@ -138,93 +139,76 @@ def new_tokens(summary: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def run_load(client, requests: int, concurrency: int, max_new_tokens: int, supervision_steps: int,
-             timeout: float) -> tuple[list[dict], float]:
-    """Submit `requests` jobs keeping `concurrency` in flight; return (one record per request, wall seconds)."""
-    records = [None] * requests
-    in_flight = {}  # job.future -> (index, job, submit time, {"at": finish time} once done)
-    next_index = 0
-    start = time.perf_counter()
+def run_level(client, users: int, requests_per_user: int, max_new_tokens: int, supervision_steps: int,
+              timeout: float, first_index: int) -> tuple[list[dict], float]:
+    """`users` closed-loop users, `requests_per_user` requests each; return (one record per request, wall seconds)."""
     deadline = time.monotonic() + timeout
+    records, lock = [], threading.Lock()
 
-    def submit(index):
-        submitted = time.perf_counter()
-        job = client.submit(*request_inputs(index, max_new_tokens, supervision_steps), api_name="/generate")
-        finished = {}
-        job.future.add_done_callback(lambda _: finished.setdefault("at", time.perf_counter()))  # in the client's thread
-        in_flight[job.future] = (index, job, submitted, finished)
+    def user(number: int):
+        for k in range(requests_per_user):
+            index = first_index + number * requests_per_user + k
+            left = deadline - time.monotonic()
+            if left <= 0:
+                record = {"index": index, "ok": False, "latency_s": None, "new_tokens": 0,
+                          "error": "not sent: the timeout ran out first"}
+            else:
+                submitted = time.perf_counter()
+                job = client.submit(*request_inputs(index, max_new_tokens, supervision_steps), api_name="/generate")
+                try:
+                    _, _, _, summary = job.result(timeout=left)
+                    record = {"index": index, "ok": True, "latency_s": time.perf_counter() - submitted,
+                              "new_tokens": new_tokens(summary), "error": None}
+                except Exception as error:  # a failed request is data here, not the end of the run
+                    job.cancel()
+                    record = {"index": index, "ok": False, "latency_s": None, "new_tokens": 0,
+                              "error": f"{type(error).__name__}: {' '.join(str(error).split())}"[:300]}
+            with lock:
+                records.append(record)
 
-    while next_index < min(concurrency, requests):
-        submit(next_index)
-        next_index += 1
-    while in_flight:
-        left = deadline - time.monotonic()
-        done, _ = concurrent.futures.wait(list(in_flight), timeout=max(0.0, left),
-                                          return_when=concurrent.futures.FIRST_COMPLETED)
-        if not done:  # over time: record what is left as timed out
-            for index, job, submitted, _ in in_flight.values():
-                job.cancel()
-                records[index] = {"index": index, "ok": False, "latency_s": None, "new_tokens": 0,
-                                  "error": f"no result within the {timeout:.0f} s timeout"}
-            break
-        for future in done:
-            index, job, submitted, finished = in_flight.pop(future)
-            latency = finished.get("at", time.perf_counter()) - submitted
-            try:
-                _, _, _, summary = job.result(timeout=0)
-                records[index] = {"index": index, "ok": True, "latency_s": latency, "new_tokens": new_tokens(summary),
-                                  "error": None}
-            except Exception as error:  # a failed request is data here, not the end of the run
-                records[index] = {"index": index, "ok": False, "latency_s": latency, "new_tokens": 0,
-                                  "error": f"{type(error).__name__}: {' '.join(str(error).split())}"}
-            if next_index < requests:
-                submit(next_index)
-                next_index += 1
-    wall = time.perf_counter() - start
-    for index in range(requests):  # never submitted because the time ran out
-        if records[index] is None:
-            records[index] = {"index": index, "ok": False, "latency_s": None, "new_tokens": 0,
-                              "error": "not sent: the timeout ran out first"}
-    return records, wall
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(users) as pool:
+        list(pool.map(user, range(users)))
+    return sorted(records, key=lambda r: r["index"]), time.perf_counter() - start
 
 
 def summarize(records: list[dict], wall: float) -> dict:
     latencies = np.array([r["latency_s"] for r in records if r["ok"]])
     ok = len(latencies)
     tokens = sum(r["new_tokens"] for r in records)
-    stats = {"min": 0.0, "mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0}
+    stats = {"min": 0.0, "mean": 0.0, "p50": 0.0, "p95": 0.0, "max": 0.0}
     if ok:
         stats = {"min": float(latencies.min()), "mean": float(latencies.mean()),
-                 **{f"p{q}": float(np.percentile(latencies, q)) for q in (50, 90, 99)}, "max": float(latencies.max())}
+                 **{f"p{q}": float(np.percentile(latencies, q)) for q in (50, 95)}, "max": float(latencies.max())}
     return {
         "completed": ok, "failed": len(records) - ok,
         "errors": sorted({r["error"] for r in records if r["error"]})[:5],
-        "wall_s": wall, "throughput_rps": ok / wall, "new_tokens": tokens, "tokens_per_s": tokens / wall,
-        "latency_s": stats,
+        "wall_s": wall, "new_tokens": tokens, "tokens_per_s": tokens / wall, "latency_s": stats,
     }
 
 
 def markdown(result: dict) -> str:
-    lat, mem = result["latency_s"], result["server_rss_mb"]
+    mem = result["server_rss_mb"]
+    base = result["levels"][0]
     lines = [
         "# Gradio app under load",
         "",
-        f"`python benchmarks/app_load.py` — model: {result['model']}; device: {result['device']}; "
-        f"{result['requests']} requests, {result['concurrency']} in flight, the app running "
-        f"{result['server_concurrency']} generation(s) at a time; max_new_tokens={result['max_new_tokens']}, "
-        f"halt_threshold 0.5; {result['platform']}, {result['cpus']} CPUs, "
-        f"OMP_NUM_THREADS={result['omp_num_threads']}.",
+        f"`python benchmarks/app_load.py` — model: {result['model']}; device: {result['device']}; each user sends "
+        f"{result['requests_per_user']} requests one after the other; max_new_tokens={result['max_new_tokens']}, "
+        f"temperature 0.8, halt_threshold 0.5; the app decodes up to {result['server_concurrency']} requests in "
+        f"one batch; {result['platform']}, {result['cpus']} CPUs, OMP_NUM_THREADS={result['omp_num_threads']}.",
         "",
-        "| requests ok / sent | wall (s) | throughput (req/s) | new tokens/s |",
-        "|---|---|---|---|",
-        f"| {result['completed']} / {result['requests']} | {result['wall_s']:.2f} | {result['throughput_rps']:.2f} "
-        f"| {result['tokens_per_s']:.1f} |",
-        "",
-        "Latency per request, submit to final result, queueing included (s):",
-        "",
-        "| min | mean | p50 | p90 | p99 | max |",
-        "|---|---|---|---|---|---|",
-        "| " + " | ".join(f"{lat[key]:.3f}" for key in ("min", "mean", "p50", "p90", "p99", "max")) + " |",
+        f"| users | requests ok / sent | new tokens/s | x {base['users']} user | latency p50 (s) | p95 (s) "
+        f"| p95 / {base['users']} user's p50 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for level in result["levels"]:
+        lat = level["latency_s"]
+        lines.append(
+            f"| {level['users']} | {level['completed']} / {level['completed'] + level['failed']} "
+            f"| {level['tokens_per_s']:.1f} | {level['tokens_per_s'] / max(base['tokens_per_s'], 1e-9):.2f} "
+            f"| {lat['p50']:.3f} | {lat['p95']:.3f} | {lat['p95'] / max(base['latency_s']['p50'], 1e-9):.2f} |")
+    lines += [
         "",
         "Server process resident memory (MiB):",
         "",
@@ -233,27 +217,36 @@ def markdown(result: dict) -> str:
         f"| {mem['ready']:.1f} | {mem['after_warmup']:.1f} | {mem['peak']:.1f} | {mem['after']:.1f} "
         f"| {result['rss_growth_mb']:+.1f} |",
     ]
-    if result["errors"]:
-        lines += ["", "Errors: " + "; ".join(result["errors"])]
+    errors = sorted({e for level in result["levels"] for e in level["errors"]})
+    if errors:
+        lines += ["", "Errors: " + "; ".join(errors[:5])]
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model folder (default: a tiny random TRM built in a temp dir)")
-    parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
-    parser.add_argument("--server_concurrency", type=int, default=1, help="app.py --concurrency")
-    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--model", default=str(REPO / "checkpoints" / "trm-tinystories-small"),
+                        help="model folder, or 'tiny' for the test suite's tiny random TRM (default: the shipped model)")
+    parser.add_argument("--users", type=int, nargs="+", default=[1, 16],
+                        help="concurrent users of each level; the first is the baseline (default: 1 16)")
+    parser.add_argument("--requests_per_user", type=int, default=3)
+    parser.add_argument("--server_concurrency", type=int, default=None,
+                        help="app.py --concurrency (default: the largest level)")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--device", default="auto", help="app.py --device")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds for the whole load phase")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds for each level")
     parser.add_argument("--startup_timeout", type=float, default=180, help="seconds for app.py to start answering")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "app_load"),
-                        help="output path without suffix: writes OUT.json and OUT.md")
+    parser.add_argument("--update-results", action="store_true",
+                        help="write benchmarks/results/ (committed) instead of outputs/benchmarks/")
+    parser.add_argument("--out_dir", default=None, help="write app_load.{json,md} here instead")
     args = parser.parse_args(argv)
-    for name in ("requests", "concurrency", "server_concurrency", "max_new_tokens"):
+    if args.server_concurrency is None:
+        args.server_concurrency = max(args.users)
+    for name in ("requests_per_user", "server_concurrency", "max_new_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
+    if min(args.users) < 1:
+        parser.error("--users must all be >= 1")
     if args.timeout <= 0 or args.startup_timeout <= 0:
         parser.error("--timeout and --startup_timeout must be > 0")
     return args
@@ -265,14 +258,15 @@ def main(argv=None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="trm-app-load-") as scratch:
         scratch = Path(scratch)
-        if args.model is None:
+        if args.model == "tiny":
             sys.path[:0] = [str(REPO), str(REPO / "tests")]  # runs from a checkout without `pip install -e .`
             from fixtures_model import build_tiny_model  # the test suite's tiny TRM + tokenizer
 
             model = str(build_tiny_model(scratch / "tiny-trm"))
             model_label = "tiny random TRM (tests/fixtures_model.py)"
         else:
-            model = model_label = args.model
+            model = args.model
+            model_label = Path(model).name if Path(model).is_dir() else model
         supervision_steps = json.loads((Path(model) / "config.json").read_text()).get("supervision_steps", 1)
         started = time.perf_counter()
         with serve(model, args.device, args.server_concurrency, args.startup_timeout, scratch) as (url, server):
@@ -281,15 +275,19 @@ def main(argv=None) -> dict:
             client = Client(url, verbose=False, analytics_enabled=False)
             client.predict(*request_inputs(0, args.max_new_tokens, supervision_steps), api_name="/generate")  # warm-up
             rss_warm = rss_bytes(server.pid)
+            levels, first_index = [], 1
             with PeakRSS(server.pid) as peak:
-                records, wall = run_load(client, args.requests, args.concurrency, args.max_new_tokens,
-                                         supervision_steps, args.timeout)
+                for users in args.users:
+                    print(f"{users} user(s) x {args.requests_per_user} requests ...", flush=True)
+                    records, wall = run_level(client, users, args.requests_per_user, args.max_new_tokens,
+                                              supervision_steps, args.timeout, first_index)
+                    first_index += len(records)
+                    levels.append({"users": users, **summarize(records, wall)})
             rss_after = rss_bytes(server.pid)
             client.close()
         result = {
-            "model": model_label, "device": args.device, "requests": args.requests, "concurrency": args.concurrency,
-            "server_concurrency": args.server_concurrency, "max_new_tokens": args.max_new_tokens,
-            **summarize(records, wall),
+            "model": model_label, "device": args.device, "requests_per_user": args.requests_per_user,
+            "server_concurrency": args.server_concurrency, "max_new_tokens": args.max_new_tokens, "levels": levels,
             "server_rss_mb": {"ready": rss_ready / MB, "after_warmup": rss_warm / MB,
                               "peak": max(peak.peak, rss_after) / MB, "after": rss_after / MB},
             "rss_growth_mb": (rss_after - rss_warm) / MB,
@@ -297,14 +295,16 @@ def main(argv=None) -> dict:
             "platform": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
             "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
         }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
+    out_dir = REPO / "benchmarks" / "results" if args.update_results else REPO / "outputs" / "benchmarks"
+    out_dir = Path(args.out_dir) if args.out_dir else out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "app_load.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "app_load.md").write_text(markdown(result))
     print(markdown(result))
+    print(f"wrote {out_dir / 'app_load.json'} and {out_dir / 'app_load.md'}")
     return result
 
 
 if __name__ == "__main__":
     outcome = main()
-    sys.exit(0 if outcome["failed"] == 0 else 1)
+    sys.exit(0 if all(level["failed"] == 0 for level in outcome["levels"]) else 1)

@@ -97,19 +97,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+_DECODERS = {}  # url -> the BatchedDecoder of the app serving there
+
+
+def running_decoder(url: str):
+    """The BatchedDecoder behind a running_app's url (its batch_sizes show what was decoded together)."""
+    return _DECODERS[url]
+
+
 @contextmanager
 def running_app(model_dir: Path, **build_kwargs):
     """Yield (url, model, tokenizer) while app.py's demo serves the model on 127.0.0.1 (queue as in main)."""
     app = load_script("app.py")
     model, tokenizer = app.load_model_and_tokenizer(model_dir, device="cpu")
     demo = app.build_demo(model, tokenizer, **build_kwargs)
-    demo.queue(default_concurrency_limit=1, max_size=64)
+    app.serve(demo)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, share=False, prevent_thread_lock=True, quiet=True)
+    url = f"http://127.0.0.1:{port}/"
+    _DECODERS[url] = demo.decoder
     try:
-        yield f"http://127.0.0.1:{port}/", model, tokenizer
+        yield url, model, tokenizer
     finally:
         demo.close()
+        demo.decoder.close()
+        del _DECODERS[url]
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,10 @@
 
 import pytest
 import torch
-from fixtures_model import app, client, load_script, running_app, tiny_model_dir  # noqa: F401
+from fixtures_model import app, client, load_script, running_app, running_decoder, tiny_model_dir  # noqa: F401
 from transformers import GenerationConfig, set_seed
+
+from trm_lm.generation import GenerationSettings, generate_text
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client.exceptions import AppError  # noqa: E402
@@ -44,14 +46,25 @@ def test_generate_returns_story_and_depth_matching_model_inspect(app, client):
     assert f"{len(records)} new tokens" in summary and "mean" in summary
 
 
-def test_story_streams(client):
-    # 60 tokens: the random fixture model emits many partial-UTF-8 byte tokens, which the streamer holds back
-    # until a word is complete, so a short story can arrive in too few pieces to show the streaming
+def test_story_streams(app, client, monkeypatch):
+    # a decoding step of 40 ms, so that 60 tokens take over two seconds: the app updates the story at most 10
+    # times a second (the random fixture model emits many partial-UTF-8 byte tokens, which the streamer holds
+    # back until a character is complete, so there are fewer pieces than tokens)
+    import time
+
+    _, model, _ = app
+    forward = model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.04)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", slow_forward)
     temperature, top_p, _, halt_threshold, supervision_steps, seed = SETTINGS
     job = client.submit(PROMPT, temperature, top_p, 60, halt_threshold, supervision_steps, seed, api_name="/generate")
     job.result(timeout=60)
     stories = [output[0] for output in job.outputs()]
-    assert len(stories) > 3  # several updates, not one answer at the end
+    assert 3 <= len(stories) < 30  # several updates, not one answer at the end, nor one event per token
     assert all(later.startswith(earlier) for earlier, later in zip(stories, stories[1:]))
 
 
@@ -76,14 +89,37 @@ def test_prompt_longer_than_context_is_cut_and_said(app, client):
     story, _, _, summary = client.predict(prompt, *SETTINGS, api_name="/generate")
     dropped = 1 + len(tokenizer(prompt)["input_ids"]) - (model.config.max_position_embeddings - SETTINGS[2])
     assert dropped > 0 and f"dropped its first {dropped}" in summary
-    assert story.startswith(prompt)
+    # the story shows what the model saw: "…" and the kept end of the prompt, then the new text
+    kept = tokenizer.decode(tokenizer(prompt)["input_ids"][dropped:], skip_special_tokens=True)
+    assert story.startswith("…" + kept) and prompt.endswith(kept) and len(kept) < len(prompt)
 
 
-def test_eight_concurrent_requests_all_complete(client):
+def test_concurrent_requests_are_decoded_together_and_each_gets_its_own_story(app, client):
+    url, model, tokenizer = app
+    decoder_batches = running_decoder(url).batch_sizes
+    before = len(decoder_batches)
     jobs = [client.submit(f"{PROMPT} {i}", 0.9, 0.95, 12, 0.5, 2, i, api_name="/generate") for i in range(8)]
-    results = [job.result(timeout=120) for job in jobs]  # all submitted before any is read: they queue up
+    results = [job.result(timeout=120) for job in jobs]  # all submitted before any is read
+    assert max(decoder_batches[before:]) > 1  # several users in one forward pass
     for i, (story, depth, _, summary) in enumerate(results):
         assert story.startswith(f"{PROMPT} {i}") and len(depth) > 1 and "new tokens" in summary
+        # what this seed gives alone, whoever else was decoded with it
+        alone = generate_text(model, tokenizer, f"{PROMPT} {i}", GenerationSettings(
+            max_new_tokens=12, temperature=0.9, top_p=0.95, halt_threshold=0.5, supervision_steps=2, seed=i))
+        assert story == f"{PROMPT} {i}" + alone.text
+
+
+def test_a_rejected_input_logs_no_traceback_on_the_server(client, capfd):
+    capfd.readouterr()
+    with pytest.raises(AppError, match="The prompt is empty"):
+        client.predict("", *SETTINGS, api_name="/generate")
+    server = capfd.readouterr()
+    assert "Traceback" not in server.err + server.out
+
+
+def test_newline_tokens_get_a_visible_chip():
+    chip_text = load_script("app.py").chip_text
+    assert chip_text("\n") == "↵\n" and chip_text(".\n\n") == ".↵\n↵\n" and chip_text(" the") == " the"
 
 
 def test_main_refuses_a_missing_model(capsys, tmp_path):

@@ -41,8 +41,8 @@ def browser():
 
 @pytest.fixture(scope="module")
 def app(tiny_model_dir):  # noqa: F811
-    with running_app(tiny_model_dir, default_seed=1234) as (url, _, tokenizer):
-        yield url, tokenizer
+    with running_app(tiny_model_dir, default_seed=1234) as (url, model, tokenizer):
+        yield url, tokenizer, model
 
 
 def test_story_streams_into_the_page_with_its_depth_view(browser, app, tmp_path):
@@ -50,7 +50,7 @@ def test_story_streams_into_the_page_with_its_depth_view(browser, app, tmp_path)
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    app_url, tokenizer = app
+    app_url, tokenizer, _ = app
     browser.get(app_url)
     wait = WebDriverWait(browser, 60)
     prompt = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea"))
@@ -91,3 +91,41 @@ def test_story_streams_into_the_page_with_its_depth_view(browser, app, tmp_path)
         shots.append(Path(os.environ["TRM_SCREENSHOT_DIR"]) / "app.png")
     for shot in shots:
         assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+
+
+def test_stop_keeps_the_story_and_says_it_stopped(browser, app, monkeypatch):
+    import time
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    app_url, _, model = app
+    forward = model.forward
+
+    def slow_forward(*args, **kwargs):  # the tiny model would finish before anyone could press Stop
+        time.sleep(0.05)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", slow_forward)
+    browser.get(app_url)
+    wait = WebDriverWait(browser, 60)
+    prompt = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea"))
+    prompt.clear()
+    prompt.send_keys(PROMPT)
+    tokens = browser.find_element(By.CSS_SELECTOR, "#max-new-tokens input[type=number]")
+    tokens.clear()
+    tokens.send_keys("100", Keys.TAB)
+    browser.find_element(By.CSS_SELECTOR, "#generate-btn").click()
+    story_box = browser.find_element(By.CSS_SELECTOR, "#story textarea")
+    wait.until(lambda d: len(story_box.get_attribute("value")) > len(PROMPT) + 5)  # some new text streamed in
+    browser.find_element(By.CSS_SELECTOR, "#stop-btn").click()
+
+    wait.until(lambda d: "Stopped" in d.find_element(By.CSS_SELECTOR, "#status").text)
+    stopped_at = story_box.get_attribute("value")
+    time.sleep(1.0)
+    assert story_box.get_attribute("value") == stopped_at  # nothing more arrives
+    assert stopped_at.startswith(PROMPT) and len(stopped_at) > len(PROMPT)
+    assert "Generating" not in browser.find_element(By.CSS_SELECTOR, "#status").text
+    errors = [e for e in browser.find_elements(By.CSS_SELECTOR, ".error, .toast-body.error") if e.is_displayed()]
+    assert not errors, [e.text for e in errors]

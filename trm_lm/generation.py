@@ -15,8 +15,9 @@ Everything a user types is checked here, once, with messages that say what was w
 
 Seeding: `seed` is applied (transformers.set_seed) right before `generate()`, in the thread that runs
 it, so streaming and non-streaming give the same text for the same seed. torch's RNG is global to
-the process: two generations sampling at the same time share it, which is why the app runs one
-generation at a time by default.
+the process, so two of these generations sampling at the same time would share it; the app instead
+decodes its users together with one torch.Generator per request (trm_lm/serving.py), which gives the
+same text as generate_text() with the same seed.
 
 Any causal LM loads and generates; the TRM-only controls raise a clear error on other models.
 """

@@ -1,0 +1,180 @@
+"""The app's batched decoder (trm_lm/serving.py): many requests in one batch give exactly what each gives alone."""
+
+import threading
+
+import pytest
+import torch
+from fixtures_model import tiny_model_dir  # noqa: F401
+from transformers import GenerationConfig
+
+from trm_lm.generation import GenerationSettings, generate_text, load_model_and_tokenizer
+from trm_lm.serving import BatchedDecoder
+
+# different lengths, so that the batch is left-padded and every row's positions start at its own first token
+PROMPTS = ["Once upon a time", "Lily and Tom went to the park with a big red ball and the dog.", "The cat",
+           "One day, a little girl named Lily found a toy car under the tree in the garden."]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):
+    return load_model_and_tokenizer(tiny_model_dir, device="cpu")
+
+
+def drain(stream):
+    """(text pieces joined, GenerationResult) of one stream."""
+    text = ""
+    while True:
+        try:
+            text += next(stream)
+        except StopIteration as finished:
+            return text, finished.value
+
+
+def assert_same_records(records, expected):
+    """Same tokens, steps and top-k ids; probabilities equal up to float32 rounding (a padded batch sums in
+    another order)."""
+    assert len(records) == len(expected)
+    for got, want in zip(records, expected):
+        assert {k: got[k] for k in ("position", "token_id", "steps_used")} == \
+            {k: want[k] for k in ("position", "token_id", "steps_used")}
+        assert [p["top_ids"] for p in got["step_predictions"]] == [p["top_ids"] for p in want["step_predictions"]]
+        for p, q in zip(got["step_predictions"], want["step_predictions"]):
+            assert p["top_probs"] == pytest.approx(q["top_probs"], rel=1e-5, abs=1e-7)
+
+
+def decode_together(model, tokenizer, prompts, settings_list, trace_top_k=0, **decoder_kwargs):
+    decoder = BatchedDecoder(model, tokenizer, gather_seconds=0.5, **decoder_kwargs)
+    try:
+        streams = [decoder.submit(p, s, trace_top_k=trace_top_k) for p, s in zip(prompts, settings_list)]
+        return [drain(stream) for stream in streams], decoder.batch_sizes
+    finally:
+        decoder.close()
+
+
+@pytest.mark.parametrize("temperature, halt_threshold, repetition_penalty", [
+    (0.0, 0, 1.0), (0.0, 0.5, 1.3), (0.9, 0, 1.0), (0.9, 0.5, 1.2)])
+def test_a_batch_gives_each_request_what_generate_gives_alone(model_and_tokenizer, temperature, halt_threshold,
+                                                              repetition_penalty):
+    model, tokenizer = model_and_tokenizer
+    settings = [GenerationSettings(max_new_tokens=24 + 4 * i, temperature=temperature, top_p=0.9, seed=100 + i,
+                                   halt_threshold=halt_threshold, repetition_penalty=repetition_penalty)
+                for i in range(len(PROMPTS))]
+    alone = [generate_text(model, tokenizer, p, s) for p, s in zip(PROMPTS, settings)]
+    together, batch_sizes = decode_together(model, tokenizer, PROMPTS, settings)
+    assert batch_sizes == [len(PROMPTS)]  # really one batch
+    for (streamed, result), reference in zip(together, alone):
+        assert result.token_ids == reference.token_ids
+        assert streamed == result.text == reference.text
+    assert len({tuple(r.token_ids[0]) for _, r in together}) == len(PROMPTS)
+
+
+def test_a_seeded_request_does_not_depend_on_its_batch_mates(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    mine = GenerationSettings(max_new_tokens=30, temperature=1.0, seed=7)
+    (alone,), _ = decode_together(model, tokenizer, [PROMPTS[0]], [mine])
+    strangers = [GenerationSettings(max_new_tokens=10 + i, temperature=1.0) for i in range(3)]  # unseeded
+    together, sizes = decode_together(model, tokenizer, PROMPTS[1:] + [PROMPTS[0]], strangers + [mine])
+    assert sizes == [4] and together[-1][1].token_ids == alone[1].token_ids
+
+
+def test_records_equal_model_inspect(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    settings = GenerationSettings(max_new_tokens=20, temperature=0.0, halt_threshold=0.5)
+    together, _ = decode_together(model, tokenizer, PROMPTS[:2], [settings] * 2, trace_top_k=3)
+    for prompt, (_, result) in zip(PROMPTS[:2], together):
+        ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(prompt)["input_ids"]])
+        expected = model.inspect(ids, top_k=3, halt_threshold=0.5, generation_config=GenerationConfig(
+            do_sample=False, max_new_tokens=20, pad_token_id=tokenizer.pad_token_id))
+        assert_same_records(result.records, expected)
+        assert {r["steps_used"] for r in result.records} == {1, 2}  # the fixture's halt head exits some early
+
+
+def test_different_trm_controls_are_decoded_in_separate_batches(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    settings = [GenerationSettings(max_new_tokens=8, temperature=0.0, supervision_steps=steps) for steps in (1, 2, 1, 4)]
+    together, sizes = decode_together(model, tokenizer, PROMPTS, settings)
+    assert sorted(sizes) == [1, 1, 2]
+    for prompt, s, (_, result) in zip(PROMPTS, settings, together):
+        assert result.token_ids == generate_text(model, tokenizer, prompt, s).token_ids
+
+
+def test_a_reader_that_goes_away_leaves_the_batch_and_the_others_finish(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    settings = GenerationSettings(max_new_tokens=40, temperature=0.0)
+    decoder = BatchedDecoder(model, tokenizer, gather_seconds=0.5)
+    try:
+        streams = [decoder.submit(p, settings) for p in PROMPTS[:3]]
+        next(streams[0])
+        streams[0].close()  # what gradio does when the user presses Stop
+        results = [drain(stream)[1] for stream in streams[1:]]
+    finally:
+        decoder.close()
+    for prompt, result in zip(PROMPTS[1:3], results):
+        assert result.token_ids == generate_text(model, tokenizer, prompt, settings).token_ids
+
+
+def test_bad_requests_are_refused_when_submitted(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    decoder = BatchedDecoder(model, tokenizer)
+    try:
+        with pytest.raises(ValueError, match="prompt"):
+            decoder.submit("", GenerationSettings())
+        with pytest.raises(ValueError, match="supervision_steps must be in"):
+            decoder.submit("Once", GenerationSettings(max_new_tokens=10, supervision_steps=99))
+        with pytest.raises(ValueError, match="num_return_sequences=1"):
+            decoder.submit("Once", GenerationSettings(max_new_tokens=10, num_return_sequences=2))
+        # the thread still serves after refusing those
+        assert drain(decoder.submit("Once", GenerationSettings(max_new_tokens=3, temperature=0.0)))[1].token_ids
+    finally:
+        decoder.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        decoder.submit("Once", GenerationSettings())
+    with pytest.raises(ValueError, match="max_batch_size"):
+        BatchedDecoder(model, tokenizer, max_batch_size=0)
+
+
+def test_an_error_in_decoding_reaches_every_reader_and_the_thread_goes_on(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    decoder = BatchedDecoder(model, tokenizer, gather_seconds=0.3)
+    calls = {"n": 0}
+    original = model.forward
+
+    def failing_forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated out of memory")
+        return original(*args, **kwargs)
+
+    try:
+        monkeypatch.setattr(model, "forward", failing_forward)
+        streams = [decoder.submit(p, GenerationSettings(max_new_tokens=4, temperature=0.0)) for p in PROMPTS[:2]]
+        for stream in streams:
+            with pytest.raises(RuntimeError, match="simulated out of memory"):
+                drain(stream)
+        assert drain(decoder.submit("Once", GenerationSettings(max_new_tokens=3, temperature=0.0)))[1].token_ids
+    finally:
+        decoder.close()
+
+
+def test_many_threads_submitting_at_once_are_batched(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    decoder = BatchedDecoder(model, tokenizer, max_batch_size=8, gather_seconds=0.2)
+    results, barrier = {}, threading.Barrier(12)
+
+    def user(i):
+        settings = GenerationSettings(max_new_tokens=12, temperature=0.8, seed=i)
+        barrier.wait()
+        results[i] = drain(decoder.submit(PROMPTS[i % 4], settings))[1]
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(12)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        decoder.close()
+    assert max(decoder.batch_sizes) > 1 and max(decoder.batch_sizes) <= 8 and sum(decoder.batch_sizes) == 12
+    for i, result in results.items():
+        settings = GenerationSettings(max_new_tokens=12, temperature=0.8, seed=i)
+        assert result.token_ids == generate_text(model, tokenizer, PROMPTS[i % 4], settings).token_ids

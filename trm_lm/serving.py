@@ -1,0 +1,273 @@
+"""Many users, one model: the app's batched decoder.
+
+    decoder = BatchedDecoder(model, tokenizer)               # starts one decoding thread
+    stream = decoder.submit("Once upon a time", settings)    # bad input raises ValueError here
+    result = yield from stream                               # text pieces as they come, then a GenerationResult
+    decoder.close()
+
+`submit` returns the same kind of generator as `generation.stream_generate`, but the requests of all users
+are decoded together: the thread takes every request waiting (up to `max_batch_size`, after a short
+`gather_seconds` for latecomers), left-pads their prompts into one batch with one KV cache, and runs one
+forward pass per new token for the whole batch. A forward pass of a tiny model costs nearly the same
+for 16 rows as for one, so throughput grows with the number of users while each one's latency barely
+does (benchmarks/app_load.py). Rows leave the batch as they finish (EOS, max_new_tokens, or the reader
+went away); requests that arrive meanwhile form the next batch.
+
+Same tokens as `generate()`: each row samples with its own torch.Generator seeded by the request's seed,
+after transformers' own logits processors in generate()'s order, so a seeded request gives the same
+text alone, in a batch of strangers, and from `generate_text` with that seed (tests/test_serving.py). A
+forward pass takes one value of each TRM control, so requests with different supervision steps or halt
+thresholds are decoded in separate batches.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TextIteratorStreamer,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from .generation import (
+    DECODE_KWARGS,
+    EncodedPrompt,
+    GenerationResult,
+    GenerationSettings,
+    _result,
+    check_trace_top_k,
+    generate_kwargs,
+    prepare_prompt,
+)
+from .modeling_trm import CACHE_FIELD
+
+_CLOSE = object()  # queue sentinel
+
+
+def logits_processors(settings: GenerationSettings) -> LogitsProcessorList:
+    """generate()'s processors for these settings, in generate()'s order (penalty, temperature, top-k, top-p)."""
+    processors = LogitsProcessorList()
+    if settings.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
+    if settings.temperature == 0:
+        return processors
+    if settings.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(settings.temperature))
+    if settings.top_k != 0:
+        processors.append(TopKLogitsWarper(settings.top_k))
+    if settings.top_p < 1.0:
+        processors.append(TopPLogitsWarper(settings.top_p))
+    return processors
+
+
+@dataclass(eq=False)
+class _Request:
+    encoded: EncodedPrompt
+    settings: GenerationSettings
+    controls: dict  # the TRM keywords of the forward pass (halt_threshold, supervision_steps)
+    streamer: TextIteratorStreamer
+    processors: LogitsProcessorList
+    generator: torch.Generator
+    trace_top_k: int = 0  # > 0: also record what the recursion did for each token (model.step_records)
+    token_ids: list[int] = field(default_factory=list)
+    records: list[dict] | None = None
+    reader_gone: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+    @property
+    def batch_key(self) -> tuple:
+        return tuple(sorted(self.controls.items()))
+
+    def next_token(self, logits: torch.Tensor) -> int:
+        """Pick this row's next token from its (1, V) float32 logits, as generate() does."""
+        history = torch.cat([self.encoded.input_ids[0], torch.tensor(self.token_ids, dtype=torch.long)])
+        scores = self.processors(history.unsqueeze(0).to(logits.device), logits)
+        if self.settings.temperature == 0:
+            return int(scores.argmax(dim=-1))
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs.cpu(), num_samples=1, generator=self.generator))
+
+    def finish(self, error: BaseException | None = None) -> None:
+        self.error = error
+        self.streamer.end()
+        self.finished.set()
+
+
+class BatchedDecoder:
+    """One decoding thread serving every caller of `submit`; see the module docstring."""
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 16, gather_seconds: float = 0.02):
+        if max_batch_size < 1 or gather_seconds < 0:
+            raise ValueError(f"max_batch_size must be >= 1 and gather_seconds >= 0, got {max_batch_size} "
+                             f"and {gather_seconds}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size, self.gather_seconds = max_batch_size, gather_seconds
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_token_id = tokenizer.eos_token_id
+        self.batch_sizes: list[int] = []  # every batch decoded so far, for benchmarks and tests
+        self._queue: queue.Queue = queue.Queue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, name="trm-lm-batched-decoder", daemon=True)
+        self._thread.start()
+
+    # ----- callers -------------------------------------------------------------------------------------
+    def submit(self, prompt: str | bytes | EncodedPrompt, settings: GenerationSettings,
+               trace_top_k: int = 0) -> Generator[str, None, GenerationResult]:
+        """Queue one generation; returns a generator of its text that returns a GenerationResult.
+
+        Everything is checked before this returns. With `trace_top_k=k` (TRM) the result carries
+        `model.inspect`'s per-token records, scored in the decoding thread for all rows that end together. Closing the generator early drops the row from its batch.
+        """
+        if self._closed:
+            raise RuntimeError("this BatchedDecoder is closed")
+        if settings.num_return_sequences != 1:
+            raise ValueError("streaming shows one sequence: use num_return_sequences=1")
+        if trace_top_k:
+            check_trace_top_k(self.model, trace_top_k)
+        encoded = prepare_prompt(self.model, self.tokenizer, prompt, settings)
+        kwargs = generate_kwargs(self.model, self.tokenizer, settings)  # checks the TRM controls
+        controls = {name: kwargs[name] for name in ("halt_threshold", "supervision_steps") if name in kwargs}
+        generator = torch.Generator()
+        if settings.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(settings.seed)
+        request = _Request(encoded=encoded, settings=settings, controls=controls,
+                           streamer=TextIteratorStreamer(self.tokenizer, skip_prompt=False, **DECODE_KWARGS),
+                           processors=logits_processors(settings), generator=generator, trace_top_k=trace_top_k)
+        self._queue.put(request)
+        return self._follow(request)
+
+    def _follow(self, request: _Request):
+        try:
+            for piece in request.streamer:
+                if piece:
+                    yield piece
+        finally:  # also when the reader closes us early
+            request.reader_gone.set()
+        request.finished.wait()
+        if request.error is not None:
+            raise request.error
+        return _result(self.tokenizer, request.encoded, [request.token_ids], request.records)
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Stop the thread after the batch in progress; requests still queued end with an error."""
+        self._closed = True
+        self._queue.put(_CLOSE)
+        self._thread.join(timeout)
+
+    # ----- the decoding thread -------------------------------------------------------------------------
+    def _serve(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _CLOSE:
+                break
+            batch, closing = [first], False
+            deadline = time.monotonic() + self.gather_seconds
+            while len(batch) < self.max_batch_size:
+                try:
+                    request = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if request is _CLOSE:
+                    closing = True
+                    break
+                batch.append(request)
+            groups: dict[tuple, list[_Request]] = {}
+            for request in batch:
+                groups.setdefault(request.batch_key, []).append(request)
+            for group in groups.values():
+                try:
+                    self._decode(group)
+                except BaseException as error:  # handed to every reader of the batch, who re-raises it
+                    for request in group:
+                        if not request.finished.is_set():
+                            request.finish(error)
+            if closing:
+                break
+        while True:  # fail what is still queued instead of leaving its reader waiting forever
+            try:
+                request = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if request is not _CLOSE:
+                request.finish(RuntimeError("the decoder was closed before this request ran"))
+
+    @torch.no_grad()
+    def _decode(self, rows: list[_Request]) -> None:
+        """Decode `rows` together until each has finished: one forward pass per new token for all of them."""
+        device = self.model.device
+        prompts = [row.encoded.input_ids[0] for row in rows]
+        width = max(len(prompt) for prompt in prompts)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):  # left padding: every row's next token goes in the last column
+            input_ids[i, width - len(prompt):] = prompt
+            attention_mask[i, width - len(prompt):] = 1
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # each row counts from its own first token
+        input_ids, attention_mask, position_ids = input_ids.to(device), attention_mask.to(device), position_ids.to(device)
+        cache = DynamicCache(config=self.model.config)
+        self.batch_sizes.append(len(rows))
+        while True:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=True, logits_to_keep=1, **{CACHE_FIELD: cache}, **rows[0].controls)
+            logits = out.logits[:, -1].to(dtype=torch.float32)  # (B, V)
+            keep, next_ids, done = [], [], []
+            for i, row in enumerate(rows):
+                token = row.next_token(logits[i:i + 1])
+                row.token_ids.append(token)
+                row.streamer.put(torch.tensor([token]))
+                if token == self.eos_token_id or len(row.token_ids) >= row.settings.max_new_tokens \
+                        or row.reader_gone.is_set():
+                    done.append(row)
+                else:
+                    keep.append(i)
+                    next_ids.append(token)
+            self._record([row for row in done if row.trace_top_k and not row.reader_gone.is_set()])
+            for row in done:
+                row.finish()
+            if not keep:
+                return
+            last_position = position_ids[:, -1]
+            if len(keep) < len(rows):  # finished rows leave the batch and the cache
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                attention_mask, last_position = attention_mask[index], last_position[index]
+                rows = [rows[i] for i in keep]
+            input_ids = torch.tensor(next_ids, dtype=torch.long, device=device).unsqueeze(1)  # (B, 1)
+            position_ids = (last_position + 1).unsqueeze(1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
+
+    def _record(self, rows: list[_Request]) -> None:
+        """Fill `records` of the rows that finished together: one padded forward per top-k asked for."""
+        by_top_k: dict[int, list[_Request]] = {}
+        for row in rows:
+            by_top_k.setdefault(row.trace_top_k, []).append(row)
+        for top_k, group in by_top_k.items():
+            sequences = [torch.cat([row.encoded.input_ids[0], torch.tensor(row.token_ids, dtype=torch.long)])
+                         for row in group]
+            width = max(len(sequence) for sequence in sequences)
+            ids = torch.full((len(group), width), self.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(group), width), dtype=torch.long)
+            for i, sequence in enumerate(sequences):
+                ids[i, width - len(sequence):] = sequence
+                mask[i, width - len(sequence):] = 1
+            device = self.model.device
+            batch = self.model.step_records(ids.to(device), [row.encoded.input_ids.shape[1] for row in group],
+                                            top_k=top_k, attention_mask=mask.to(device), **group[0].controls)
+            for row, records in zip(group, batch):
+                row.records = records
+
+
+__all__ = ["BatchedDecoder", "logits_processors"]
