@@ -112,8 +112,10 @@ class AugmentedSudokuDataset(Dataset):
 class PuzzleTask(TrainingTask):
     def __init__(self, data_args: PuzzleDataArguments, model_args: PuzzleModelArguments, eval_batch_size: int,
                  seed: int = 0):
-        if data_args.task is None or data_args.data_dir is None:
-            raise ValueError("--task and --data_dir are required")
+        missing = [f"--{name}" for name in ("task", "data_dir") if getattr(data_args, name) is None]
+        if missing:
+            raise ValueError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (on the command "
+                             "line or in the --config YAML); --data_dir is the folder `python -m puzzles.build` wrote")
         self.data_args, self.model_args, self.eval_batch_size = data_args, model_args, eval_batch_size
         train = load_split(data_args.data_dir, "train", mmap=True)
         self.test = load_split(data_args.data_dir, "test", mmap=True)

@@ -171,3 +171,5 @@ def test_cli_subprocess_end_to_end(saved_model, tmp_path):
     assert result["documents"] == 10 and result["context_length"] == 64
     assert 0 < result["bits_per_byte"] < math.log2(512)  # at most log2(V) bits per token, tokens < bytes
     assert json.loads(completed.stdout)["bits_per_byte"] == result["bits_per_byte"]
+    # progress on stderr while it works: a bar over the tokens scored, with a rate; stdout stays pure JSON
+    assert "scoring: 100%" in completed.stderr and "tok/s" in completed.stderr

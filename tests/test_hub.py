@@ -121,6 +121,24 @@ print(json.dumps({{"module": type(model).__module__, "tokens": out[0].tolist()}}
     assert result["tokens"] == expected and len(expected) > len(prompt_ids)
 
 
+def test_the_model_cards_usage_runs_as_written_without_a_question(pushed, tmp_path):
+    """The card's snippet, verbatim but for the repo id, in a fresh process without trm_lm and with no stdin:
+    no interactive "[y/N]" remote-code question (AutoTokenizer reads config.json too), and it generates."""
+    import re
+
+    card = (pushed.received / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", card, flags=re.DOTALL).group(1)
+    assert "trust_remote_code=True" in code.split("AutoTokenizer.from_pretrained")[1].splitlines()[0]
+    code = code.replace(f'"{REPO_ID}"', repr(str(pushed.received)))
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    done = subprocess.run([sys.executable, "-I", "-c", WITHOUT_TRM_LM + code], cwd=tmp_path, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[y/N]" not in done.stdout + done.stderr and "custom code" not in done.stdout + done.stderr
+    assert done.stdout.strip()
+
+
 def test_push_refuses_bad_folders_before_touching_the_network(tmp_path, tiny_model_dir, capsys):  # noqa: F811
     pickle_only = tmp_path / "pickle_only"
     shutil.copytree(tiny_model_dir, pickle_only)

@@ -4,6 +4,7 @@ import importlib.util
 from dataclasses import asdict
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -265,6 +266,10 @@ def test_train_lm_script_trains_a_trm_that_loads_and_generates(tiny_stories, tmp
     results = json.loads((out / "results.json").read_text())
     assert results["metrics"]["bits_per_byte"] == evals[1]["eval_bits_per_byte"]
     assert "--max_train_steps 30" in results["command"]
+    # the run ends by saying what it produced: where, and the final score
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("done: 30 steps") and f"model saved to {out}" in last
+    assert f"bits_per_byte {results['metrics']['bits_per_byte']:.4f}" in last
     card = (out / "README.md").read_text()
     assert "validation_bits_per_byte" in card and "custom_code" in card and "train.jsonl" in card
 
@@ -336,3 +341,19 @@ def test_empty_training_data_is_a_clear_error(tmp_path):
     task.train_dataset = CountingSequences(0, seed=0)
     with pytest.raises(ValueError, match="training dataset is empty"):
         run_training(_args(tmp_path), task)
+
+
+@pytest.mark.parametrize("script", ["train/train_lm.py", "train/train_puzzles.py"])
+def test_help_states_each_default_once(script):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    assert "(default: None)" not in text
+    assert "(default: " in text  # real defaults are still shown
+    entries = re.split(r"\n  (?=-)", out.stdout)  # one entry per flag
+    twice = [entry for entry in entries if "(default: " in entry and "default" in entry.split("(default: ")[0].lower()]
+    assert not twice, twice

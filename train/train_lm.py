@@ -145,7 +145,7 @@ class CausalLMTask(TrainingTask):
         for path in expand_data_files(self.data_args.report_file):
             documents = read_documents(path)[: self.data_args.max_report_documents]
             with torch.no_grad():
-                result = bits_per_byte(model.eval(), self.tokenizer, documents,
+                result = bits_per_byte(model.eval(), self.tokenizer, documents, progress=True,
                                        context_length=self.data_args.block_size, batch_size=self.eval_batch_size)
             print(f"{path}: {result['bits_per_byte']:.4f} bits/byte on {len(documents)} documents", flush=True)
             scores[f"{path.stem}_bits_per_byte"] = result["bits_per_byte"]

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from trm_lm.data import load_or_train_tokenizer, read_documents
 
@@ -73,6 +74,7 @@ def bits_per_byte(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     forward_kwargs: dict | None = None,
+    progress: bool = False,
 ) -> dict:
     """Score `documents` with the protocol of the module docstring and return
     {bits_per_byte, nll_nats, tokens, bytes, perplexity, loss_per_token, documents, context_length}.
@@ -80,7 +82,7 @@ def bits_per_byte(
     Rows of similar length are batched together with right padding + attention_mask, and padded targets
     are ignored, so the result does not depend on `batch_size`. If `device` is given the model is moved
     there; otherwise the model's own device is used. `forward_kwargs` go to every forward call (with
-    `use_cache=False` unless overridden).
+    `use_cache=False` unless overridden). `progress`: a tqdm bar over the tokens scored, with a rate.
     """
     if not documents:
         raise ValueError("no documents to evaluate")
@@ -102,6 +104,9 @@ def bits_per_byte(
     was_training = model.training
     model.eval()
     total_nats, total_tokens = 0.0, 0
+    scored = lambda batch: sum(t != IGNORE_INDEX for _, targets in batch for t in targets)  # noqa: E731
+    bar = tqdm(total=scored(rows), unit="tok", unit_scale=True, desc="scoring",
+               disable=not progress, dynamic_ncols=True)
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         width = len(batch[0][0])
@@ -119,6 +124,8 @@ def bits_per_byte(
             logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
         ).item()
         total_tokens += int((labels != IGNORE_INDEX).sum())
+        bar.update(scored(batch))
+    bar.close()
     model.train(was_training)
 
     total_bytes = sum(len(document.encode("utf-8")) + 1 for document in documents)
@@ -178,7 +185,7 @@ def _score(args) -> dict:
           file=sys.stderr, flush=True)
     result = bits_per_byte(
         model, tokenizer, documents, context_length=args.context_length, batch_size=args.batch_size,
-        device=device, forward_kwargs=args.forward_kwargs,
+        device=device, forward_kwargs=args.forward_kwargs, progress=True,
     )
     if not math.isfinite(result["bits_per_byte"]):
         raise ValueError(f"the score of {args.model} is not finite ({result['bits_per_byte']}): the weights or "

@@ -25,7 +25,7 @@ def _usage(repo_id: str, custom_code: bool) -> str:
     return (
         "```python\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{remote})  # reads config.json: same trust\n'
         f'model = AutoModelForCausalLM.from_pretrained("{repo_id}"{remote})\n'
         'inputs = tokenizer("Once upon a time", return_tensors="pt")\n'
         "output = model.generate(**inputs, max_new_tokens=128, do_sample=True, temperature=0.8, top_k=40)\n"

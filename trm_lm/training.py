@@ -159,6 +159,16 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
     return values
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it is None or the help text already says what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 def parse_args(dataclass_types: list[type], argv: list[str] | None = None) -> tuple:
     """Parse command-line flags into instances of `dataclass_types` (HfArgumentParser).
 
@@ -170,7 +180,7 @@ def parse_args(dataclass_types: list[type], argv: list[str] | None = None) -> tu
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
 
-    parser = HfArgumentParser(dataclass_types)
+    parser = HfArgumentParser(dataclass_types, formatter_class=_HelpFormatter)
     parser.add_argument("--config", help="YAML file of flag values; flags on the command line override it")
     if known.config:
         values = load_config(known.config)
@@ -523,6 +533,11 @@ def run_training(args: TrainingArguments, task: TrainingTask) -> TrainingResult:
     if accelerator.is_main_process:
         task.save_final(final_model, output_dir, metrics, run_info)
         (output_dir / RESULTS_FILE).write_text(json.dumps({"metrics": metrics, **run_info}, indent=2))
+        headline = [name for name, value in metrics.items() if isinstance(value, float)
+                    and (name.endswith("bits_per_byte") or name in ("exact_accuracy", "cell_accuracy"))]
+        scores = ", ".join(f"{name} {metrics[name]:.4f}" for name in headline or list(metrics)[:3])
+        accelerator.print(f"done: {completed_steps} steps in {run_info['wall_time_s']:.0f} s; model saved to "
+                          f"{output_dir}; final {scores}", flush=True)
 
     # Clean DDP exit: drop every reference to the wrapped model and optimizer before tearing down the process
     # group, or gloo occasionally aborts at exit (see docs/ reference notes on the teardown flake).
