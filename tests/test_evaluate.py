@@ -173,3 +173,25 @@ def test_cli_subprocess_end_to_end(saved_model, tmp_path):
     assert json.loads(completed.stdout)["bits_per_byte"] == result["bits_per_byte"]
     # progress on stderr while it works: a bar over the tokens scored, with a rate; stdout stays pure JSON
     assert "scoring: 100%" in completed.stderr and "tok/s" in completed.stderr
+
+
+def test_the_evaluate_metric_module_loads_offline_and_gives_the_score(model, tokenizer, stories, monkeypatch):
+    import evaluate
+
+    from trm_lm.metrics import BITS_PER_BYTE
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    documents = [stories[330], stories[331][:200], "Hi."]
+    result = bits_per_byte(model, tokenizer, documents, batch_size=2)
+    metric = evaluate.load(BITS_PER_BYTE)
+    # one row per document, from scoring each alone: the module's sums give the batched score
+    for document in documents:
+        alone = bits_per_byte(model, tokenizer, [document])
+        metric.add(nll_nats=alone["nll_nats"], num_bytes=alone["bytes"], num_tokens=alone["tokens"])
+    combined = metric.compute()
+    assert combined["documents"] == 3 and combined["tokens"] == result["tokens"] and combined["bytes"] == result["bytes"]
+    assert combined["bits_per_byte"] == pytest.approx(result["bits_per_byte"], rel=1e-5)
+    with pytest.raises(ValueError, match="at least one document"):
+        evaluate.load(BITS_PER_BYTE).compute(nll_nats=[], num_bytes=[], num_tokens=[])
+    with pytest.raises(ValueError, match="num_bytes and num_tokens must be > 0"):
+        evaluate.load(BITS_PER_BYTE).compute(nll_nats=[1.0], num_bytes=[0], num_tokens=[1])

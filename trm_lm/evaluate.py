@@ -28,11 +28,13 @@ import math
 import sys
 from collections.abc import Sequence
 
+import evaluate
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from trm_lm.data import load_or_train_tokenizer, read_documents
+from trm_lm.metrics import BITS_PER_BYTE
 
 IGNORE_INDEX = -100
 
@@ -98,45 +100,50 @@ def bits_per_byte(
     forward_kwargs = {"use_cache": False, **(forward_kwargs or {})}
 
     encoded = tokenizer(list(documents), add_special_tokens=False)["input_ids"]
-    rows = [row for ids in encoded for row in _scoring_rows([bos_id] + ids + [tokenizer.eos_token_id], context_length)]
-    rows.sort(key=lambda row: len(row[0]), reverse=True)  # similar lengths together; largest batch first
+    rows = [(doc, inputs, targets) for doc, ids in enumerate(encoded)
+            for inputs, targets in _scoring_rows([bos_id] + ids + [tokenizer.eos_token_id], context_length)]
+    rows.sort(key=lambda row: len(row[1]), reverse=True)  # similar lengths together; largest batch first
 
     was_training = model.training
     model.eval()
-    total_nats, total_tokens = 0.0, 0
-    scored = lambda batch: sum(t != IGNORE_INDEX for _, targets in batch for t in targets)  # noqa: E731
+    document_nats = [0.0] * len(documents)
+    scored = lambda batch: sum(t != IGNORE_INDEX for _, _, targets in batch for t in targets)  # noqa: E731
     bar = tqdm(total=scored(rows), unit="tok", unit_scale=True, desc="scoring",
                disable=not progress, dynamic_ncols=True)
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
-        width = len(batch[0][0])
+        width = len(batch[0][1])
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, (inputs, targets) in enumerate(batch):
+        for i, (_, inputs, targets) in enumerate(batch):
             input_ids[i, : len(inputs)] = torch.tensor(inputs)
             labels[i, : len(targets)] = torch.tensor(targets)
             attention_mask[i, : len(inputs)] = 1
         logits = model(input_ids.to(device), attention_mask=attention_mask.to(device), **forward_kwargs).logits
         logits = logits.float()  # (B, T, V), summed in fp32 whatever the model's dtype
         labels = labels.to(device)
-        total_nats += F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        ).item()
-        total_tokens += int((labels != IGNORE_INDEX).sum())
+        row_nats = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
+                                   reduction="none").sum(-1)  # (B,) nats per row
+        for (doc, _, _), nats in zip(batch, row_nats.tolist()):
+            document_nats[doc] += nats
         bar.update(scored(batch))
     bar.close()
     model.train(was_training)
 
-    total_bytes = sum(len(document.encode("utf-8")) + 1 for document in documents)
+    # The aggregation is the `evaluate` metric module shipped in trm_lm/metrics (loaded offline from its path):
+    # one row per document, so the same numbers come out of `evaluate` for anyone who scores other models.
+    metric = evaluate.load(BITS_PER_BYTE)
+    result = metric.compute(nll_nats=document_nats, num_bytes=[len(d.encode("utf-8")) + 1 for d in documents],
+                            num_tokens=[len(ids) + 1 for ids in encoded])  # + 1: the EOS after each document
     return {
-        "bits_per_byte": total_nats / (math.log(2) * total_bytes),
-        "nll_nats": total_nats,
-        "tokens": total_tokens,
-        "bytes": total_bytes,
-        "perplexity": math.exp(total_nats / total_tokens),
-        "loss_per_token": total_nats / total_tokens,
-        "documents": len(documents),
+        "bits_per_byte": result["bits_per_byte"],
+        "nll_nats": math.fsum(document_nats),
+        "tokens": result["tokens"],
+        "bytes": result["bytes"],
+        "perplexity": result["perplexity"],
+        "loss_per_token": result["loss_per_token"],
+        "documents": result["documents"],
         "context_length": context_length,
     }
 

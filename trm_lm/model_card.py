@@ -28,7 +28,7 @@ def _usage(repo_id: str, custom_code: bool) -> str:
         f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{remote})  # reads config.json: same trust\n'
         f'model = AutoModelForCausalLM.from_pretrained("{repo_id}"{remote})\n'
         'inputs = tokenizer("Once upon a time", return_tensors="pt")\n'
-        "output = model.generate(**inputs, max_new_tokens=128, do_sample=True, temperature=0.8, top_k=40)\n"
+        "output = model.generate(**inputs, max_new_tokens=100, do_sample=True, temperature=0.8, top_k=40)\n"
         "print(tokenizer.decode(output[0], skip_special_tokens=True))\n"
         "```\n"
     )
