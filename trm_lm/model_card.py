@@ -83,6 +83,13 @@ def render_model_card(
         lines += ["## Evaluation", "", "| metric | value |", "|---|---|"]
         lines += [f"| {name} | {_format(value)} |" for name, value in metrics.items()]
         lines += [""]
+        test_sets = [name[: -len("_bits_per_byte")] for name in metrics
+                     if name.endswith("_bits_per_byte") and not name.startswith("validation_")]
+        if test_sets and "bits_per_byte" in metrics:
+            lines += ["`bits_per_byte`, `loss` and `perplexity` are measured on the held-out slice of the training "
+                      "files used for model selection; " + ", ".join(f"`{t}_bits_per_byte`" for t in test_sets) +
+                      " score the final model once on the test file(s) " + ", ".join(f"`{t}`" for t in test_sets) +
+                      " (whole documents, never trained on; the primary number is the first).", ""]
     training = [
         ("data", data_description or (", ".join(datasets) if datasets else None)),
         ("optimizer steps", run_info.get("steps")),

@@ -451,23 +451,51 @@ class TRMForCausalLM(TRMPreTrainedModel, GenerationMixin):
                        halt_criterion=halt_criterion)
         sequences = self.generate(input_ids, **control, **generate_kwargs)
         sequences = sequences.sequences if hasattr(sequences, "sequences") else sequences
-        out = self(sequences, use_cache=False, output_step_topk=top_k, **control)
-        prompt_len = input_ids.shape[1]
-        records = []
-        for position in range(prompt_len, sequences.shape[1]):
-            source = position - 1  # the position whose output predicted this token
-            used = int(out.steps_used[0, source])
-            records.append({
-                "position": position,
-                "token_id": int(sequences[0, position]),
-                "steps_used": used,
-                "step_predictions": [
-                    {"step": s + 1, "top_ids": out.step_top_ids[s, 0, source].tolist(),
-                     "top_probs": out.step_top_probs[s, 0, source].tolist()}
-                    for s in range(used)
-                ],
-            })
-        return records
+        return self.step_records(sequences, input_ids.shape[1], top_k=top_k, **control)[0]
+
+    @torch.no_grad()
+    def step_records(self, sequences, prompt_lengths, top_k: int = 3, halt_threshold=_FROM_CONFIG,
+                     supervision_steps=None, halt_criterion="head", attention_mask=None) -> list[list[dict]]:
+        """inspect()'s records for sequences already generated, one list per row.
+
+        sequences: (B, T) ids, left-padded where rows differ in length (attention_mask (B, T) marks the real
+        tokens); prompt_lengths: one per row (or one int for all), counted in real tokens. One uncached
+        forward over the whole batch, which the cache tests show equals the cached decoding that produced
+        it (the app's batched decoder scores every finished row this way). Positions are 0-based in the
+        row's own tokens.
+        """
+        B, T = sequences.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(sequences)
+        lengths = attention_mask.sum(-1).tolist()  # real tokens per row
+        if isinstance(prompt_lengths, int):
+            prompt_lengths = [prompt_lengths] * B
+        if len(prompt_lengths) != B or not all(0 < p <= n for p, n in zip(prompt_lengths, lengths)):
+            raise ValueError(f"step_records needs one prompt length in [1, the row's length] per row; got "
+                             f"{list(prompt_lengths)} for rows of {lengths} tokens")
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self(sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                   output_step_topk=top_k, halt_threshold=halt_threshold, supervision_steps=supervision_steps,
+                   halt_criterion=halt_criterion)
+        batch = []
+        for row, (prompt_length, length) in enumerate(zip(prompt_lengths, lengths)):
+            pad = T - length
+            records = []
+            for position in range(prompt_length, length):
+                source = pad + position - 1  # the column whose output predicted this token
+                used = int(out.steps_used[row, source])
+                records.append({
+                    "position": position,
+                    "token_id": int(sequences[row, pad + position]),
+                    "steps_used": used,
+                    "step_predictions": [
+                        {"step": s + 1, "top_ids": out.step_top_ids[s, row, source].tolist(),
+                         "top_probs": out.step_top_probs[s, row, source].tolist()}
+                        for s in range(used)
+                    ],
+                })
+            batch.append(records)
+        return batch
 
 
 __all__ = ["TRMForCausalLM", "TRMModel", "TRMPreTrainedModel", "TRMCausalLMOutputWithPast"]
