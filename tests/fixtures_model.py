@@ -97,6 +97,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def slow_down(model, monkeypatch, seconds: float) -> None:
+    """Every forward pass of `model` takes `seconds` longer (until the test ends): the tiny model decodes faster
+    than streaming or a Stop click can be observed."""
+    import time
+
+    forward = model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(seconds)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", slow_forward)
+
+
 _DECODERS = {}  # url -> the BatchedDecoder of the app serving there
 
 

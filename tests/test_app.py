@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from fixtures_model import app, client, load_script, running_app, running_decoder, tiny_model_dir  # noqa: F401
+from fixtures_model import app, client, load_script, running_app, running_decoder, slow_down, tiny_model_dir  # noqa: F401
 from transformers import GenerationConfig, set_seed
 
 from trm_lm.generation import GenerationSettings, generate_text
@@ -50,16 +50,8 @@ def test_story_streams(app, client, monkeypatch):
     # a decoding step of 40 ms, so that 60 tokens take over two seconds: the app updates the story at most 10
     # times a second (the random fixture model emits many partial-UTF-8 byte tokens, which the streamer holds
     # back until a character is complete, so there are fewer pieces than tokens)
-    import time
-
     _, model, _ = app
-    forward = model.forward
-
-    def slow_forward(*args, **kwargs):
-        time.sleep(0.04)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(model, "forward", slow_forward)
+    slow_down(model, monkeypatch, 0.04)
     temperature, top_p, _, halt_threshold, supervision_steps, seed = SETTINGS
     job = client.submit(PROMPT, temperature, top_p, 60, halt_threshold, supervision_steps, seed, api_name="/generate")
     job.result(timeout=60)

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fixtures_model import running_app, tiny_model_dir  # noqa: F401
+from fixtures_model import running_app, slow_down, tiny_model_dir  # noqa: F401
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio.queueing")]  # gradio's own pandas use
@@ -45,21 +45,31 @@ def app(tiny_model_dir):  # noqa: F811
         yield url, tokenizer, model
 
 
-def test_story_streams_into_the_page_with_its_depth_view(browser, app, tmp_path):
+def open_and_generate(browser, app_url: str, **number_inputs):
+    """Load the app, type PROMPT, set the given number boxes ({elem_id: value}), click Generate; return a wait."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    app_url, tokenizer, _ = app
     browser.get(app_url)
     wait = WebDriverWait(browser, 60)
     prompt = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea"))
     prompt.clear()
     prompt.send_keys(PROMPT)
-    threshold = browser.find_element(By.CSS_SELECTOR, "#halt-threshold input[type=number]")
-    threshold.clear()
-    threshold.send_keys("0.5", Keys.TAB)  # the fixture's halt head stops about half the tokens at 0.5
+    for elem_id, value in number_inputs.items():
+        box = browser.find_element(By.CSS_SELECTOR, f"#{elem_id.replace('_', '-')} input[type=number]")
+        box.clear()
+        box.send_keys(str(value), Keys.TAB)
     browser.find_element(By.CSS_SELECTOR, "#generate-btn").click()
+    return wait
+
+
+def test_story_streams_into_the_page_with_its_depth_view(browser, app, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    app_url, tokenizer, _ = app
+    # the fixture's halt head stops about half the tokens at 0.5
+    wait = open_and_generate(browser, app_url, halt_threshold=0.5)
 
     # the summary line appears once the stream has ended and the depth view is filled
     wait.until(lambda d: "new tokens" in d.find_element(By.CSS_SELECTOR, "#status").text)
@@ -97,26 +107,10 @@ def test_stop_keeps_the_story_and_says_it_stopped(browser, app, monkeypatch):
     import time
 
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
 
     app_url, _, model = app
-    forward = model.forward
-
-    def slow_forward(*args, **kwargs):  # the tiny model would finish before anyone could press Stop
-        time.sleep(0.05)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(model, "forward", slow_forward)
-    browser.get(app_url)
-    wait = WebDriverWait(browser, 60)
-    prompt = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea"))
-    prompt.clear()
-    prompt.send_keys(PROMPT)
-    tokens = browser.find_element(By.CSS_SELECTOR, "#max-new-tokens input[type=number]")
-    tokens.clear()
-    tokens.send_keys("100", Keys.TAB)
-    browser.find_element(By.CSS_SELECTOR, "#generate-btn").click()
+    slow_down(model, monkeypatch, 0.05)  # the tiny model would finish before anyone could press Stop
+    wait = open_and_generate(browser, app_url, max_new_tokens=100)
     story_box = browser.find_element(By.CSS_SELECTOR, "#story textarea")
     wait.until(lambda d: len(story_box.get_attribute("value")) > len(PROMPT) + 5)  # some new text streamed in
     browser.find_element(By.CSS_SELECTOR, "#stop-btn").click()

@@ -364,6 +364,11 @@ def prepare_prompt(model, tokenizer, prompt, settings: GenerationSettings) -> En
     return encoded
 
 
+def padding_id(tokenizer) -> int:
+    """The id that pads batches (always masked out): the tokenizer's pad token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def generate_kwargs(model, tokenizer, settings: GenerationSettings) -> dict:
     """Keyword arguments for `model.generate` and `model.inspect`: a GenerationConfig plus the TRM controls.
 
@@ -371,9 +376,8 @@ def generate_kwargs(model, tokenizer, settings: GenerationSettings) -> dict:
     the model's own generation_config.json): inspect() has a `top_k` argument of its own, the number of
     predictions it reports, which a top-k sampling keyword would collide with.
     """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     config = dict(max_new_tokens=settings.max_new_tokens, num_return_sequences=settings.num_return_sequences,
-                  repetition_penalty=settings.repetition_penalty, pad_token_id=pad)
+                  repetition_penalty=settings.repetition_penalty, pad_token_id=padding_id(tokenizer))
     if settings.temperature == 0:
         config["do_sample"] = False
     else:  # top_k=0 must be given: left unset, generate() applies its global default of 50
@@ -507,5 +511,5 @@ __all__ = [
     "GenerationSettings", "EncodedPrompt", "GenerationResult", "load_model_and_tokenizer", "check_model_dir",
     "default_model_path", "resolve_device", "validate_prompt", "encode_prompt", "context_length", "is_trm",
     "check_trace_top_k",
-    "prepare_prompt", "generate_kwargs", "generate_text", "stream_generate", "decode_new_tokens", "one_line",
+    "prepare_prompt", "padding_id", "generate_kwargs", "generate_text", "stream_generate", "decode_new_tokens", "one_line",
 ]

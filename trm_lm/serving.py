@@ -47,11 +47,23 @@ from .generation import (
     _result,
     check_trace_top_k,
     generate_kwargs,
+    padding_id,
     prepare_prompt,
 )
 from .modeling_trm import CACHE_FIELD
 
 _CLOSE = object()  # queue sentinel
+
+
+def left_pad(sequences: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and attention mask of 1-D id tensors, padded on the left so every row ends in the last column."""
+    width = max(len(sequence) for sequence in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, sequence in enumerate(sequences):
+        ids[i, width - len(sequence):] = sequence
+        mask[i, width - len(sequence):] = 1
+    return ids, mask
 
 
 def logits_processors(settings: GenerationSettings) -> LogitsProcessorList:
@@ -113,7 +125,7 @@ class BatchedDecoder:
                              f"and {gather_seconds}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.gather_seconds = max_batch_size, gather_seconds
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_token_id = padding_id(tokenizer)
         self.eos_token_id = tokenizer.eos_token_id
         self.batch_sizes: list[int] = []  # every batch decoded so far, for benchmarks and tests
         self._queue: queue.Queue = queue.Queue()
@@ -127,7 +139,8 @@ class BatchedDecoder:
         """Queue one generation; returns a generator of its text that returns a GenerationResult.
 
         Everything is checked before this returns. With `trace_top_k=k` (TRM) the result carries
-        `model.inspect`'s per-token records, scored in the decoding thread for all rows that end together. Closing the generator early drops the row from its batch.
+        `model.inspect`'s per-token records, scored in the decoding thread for all rows that end together.
+        Closing the generator early drops the row from its batch.
         """
         if self._closed:
             raise RuntimeError("this BatchedDecoder is closed")
@@ -208,13 +221,8 @@ class BatchedDecoder:
     def _decode(self, rows: list[_Request]) -> None:
         """Decode `rows` together until each has finished: one forward pass per new token for all of them."""
         device = self.model.device
-        prompts = [row.encoded.input_ids[0] for row in rows]
-        width = max(len(prompt) for prompt in prompts)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, prompt in enumerate(prompts):  # left padding: every row's next token goes in the last column
-            input_ids[i, width - len(prompt):] = prompt
-            attention_mask[i, width - len(prompt):] = 1
+        # left padding: every row's next token is read from the last column
+        input_ids, attention_mask = left_pad([row.encoded.input_ids[0] for row in rows], self.pad_token_id)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # each row counts from its own first token
         input_ids, attention_mask, position_ids = input_ids.to(device), attention_mask.to(device), position_ids.to(device)
         cache = DynamicCache(config=self.model.config)
@@ -255,14 +263,8 @@ class BatchedDecoder:
         for row in rows:
             by_top_k.setdefault(row.trace_top_k, []).append(row)
         for top_k, group in by_top_k.items():
-            sequences = [torch.cat([row.encoded.input_ids[0], torch.tensor(row.token_ids, dtype=torch.long)])
-                         for row in group]
-            width = max(len(sequence) for sequence in sequences)
-            ids = torch.full((len(group), width), self.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(group), width), dtype=torch.long)
-            for i, sequence in enumerate(sequences):
-                ids[i, width - len(sequence):] = sequence
-                mask[i, width - len(sequence):] = 1
+            ids, mask = left_pad([torch.cat([row.encoded.input_ids[0], torch.tensor(row.token_ids, dtype=torch.long)])
+                                  for row in group], self.pad_token_id)
             device = self.model.device
             batch = self.model.step_records(ids.to(device), [row.encoded.input_ids.shape[1] for row in group],
                                             top_k=top_k, attention_mask=mask.to(device), **group[0].controls)
@@ -270,4 +272,4 @@ class BatchedDecoder:
                 row.records = records
 
 
-__all__ = ["BatchedDecoder", "logits_processors"]
+__all__ = ["BatchedDecoder", "left_pad", "logits_processors"]
