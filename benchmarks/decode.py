@@ -1,4 +1,5 @@
-"""Decode speed of TRMForCausalLM: KV cache on/off at 128/512 new tokens, and ACT on/off.
+"""Decode speed of TRMForCausalLM: KV cache on/off (dynamic and static) at 128/512 new tokens, ACT on/off at
+batch 1 and in a batch, and the KV cache's memory per token.
 
     python benchmarks/decode.py                       # shipped model if present, else a random tiny-stories-size model
     python benchmarks/decode.py --model DIR --new_tokens 128 512 --halt_thresholds 0.5 0.9
@@ -6,6 +7,8 @@
 Writes benchmarks/results/decode.json and decode.md. Greedy decoding with min_new_tokens = max_new_tokens,
 so every row decodes exactly the same number of tokens. 'net applications / token' counts the network
 applications of every position of the decoded sequence (prompt included), from `steps_used`.
+In a batch, ACT rows that have halted leave the computation; 'same tokens as batch 1' checks every row
+against the same prompt decoded alone with the same setting.
 """
 
 import argparse
@@ -49,6 +52,7 @@ def main(argv=None):
     parser.add_argument("--model", default=None, help="model dir (default: the shipped model, else random init)")
     parser.add_argument("--new_tokens", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--halt_thresholds", type=float, nargs="*", default=[0.5, 0.9])
+    parser.add_argument("--batch_size", type=int, default=8, help="rows of the batched ACT rows (0: skip)")
     parser.add_argument("--uncached_max", type=int, default=512, help="skip uncached runs longer than this")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "decode"))
@@ -72,6 +76,8 @@ def main(argv=None):
             uncached_s, uncached = timed_generate(model, prompt, n, use_cache=False, halt_threshold=None)
             row.update(uncached_tokens_per_s=n / uncached_s, uncached_seconds=uncached_s,
                        speedup=uncached_s / cached_s, identical=bool(torch.equal(cached, uncached)))
+        static_s, static = timed_generate(model, prompt, n, cache_implementation="static", halt_threshold=None)
+        row.update(static_tokens_per_s=n / static_s, static_identical=bool(torch.equal(static, cached)))
         rows.append(row)
 
     act_rows = []
@@ -84,26 +90,56 @@ def main(argv=None):
                          "net_applications_per_token": steps.mean().item() * per_step,
                          "max_net_applications_per_token": cfg.net_applications})
 
+    batch_rows = []
+    if args.batch_size:
+        prompts = torch.randint(2, cfg.vocab_size, (args.batch_size, 8), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones_like(prompts)
+        for threshold in [None, *args.halt_thresholds]:
+            seconds, out = timed_generate(model, prompts, n, attention_mask=mask, halt_threshold=threshold)
+            alone = torch.cat([timed_generate(model, p[None], n, halt_threshold=threshold)[1] for p in prompts])
+            steps = model(out, use_cache=False, halt_threshold=threshold).steps_used.float()
+            batch_rows.append({"halt_threshold": threshold, "batch_size": args.batch_size, "new_tokens": n,
+                               "tokens_per_s": args.batch_size * n / seconds,
+                               "net_applications_per_token": steps.mean().item() * per_step,
+                               "same_tokens_as_batch_1": bool(torch.equal(out, alone))})
+        for r in batch_rows:
+            r["speedup_vs_off"] = r["tokens_per_s"] / batch_rows[0]["tokens_per_s"]
+            r["work_saved"] = 1 - r["net_applications_per_token"] / batch_rows[0]["net_applications_per_token"]
+
+    # Keys and values of every virtual layer, per token of context, in the model's dtype.
+    kv_bytes = 2 * cfg.num_hidden_layers * cfg.hidden_size * next(model.parameters()).element_size()
+
     result = {"model": source, "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
               "machine": platform.processor() or platform.machine(),
               "config": {k: getattr(cfg, k) for k in ("hidden_size", "net_layers", "latent_steps", "cycles",
                                                        "supervision_steps", "num_hidden_layers")},
-              "cache": rows, "act": act_rows}
+              "kv_cache_bytes_per_token": kv_bytes, "cache": rows, "act": act_rows, "batch_act": batch_rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = [f"# Decode benchmark ({source}; CPU, {result['threads']} threads, torch {torch.__version__})", "",
-             "| new tokens | cached tok/s | uncached tok/s | speed-up | identical tokens |", "|---|---|---|---|---|"]
+             "| new tokens | cached tok/s | uncached tok/s | speed-up | identical tokens | static cache tok/s "
+             "| static identical |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['new_tokens']} | {r['cached_tokens_per_s']:.1f} | "
                      f"{r.get('uncached_tokens_per_s', float('nan')):.1f} | {r.get('speedup', float('nan')):.1f}x | "
-                     f"{r.get('identical', '-')} |")
+                     f"{r.get('identical', '-')} | {r['static_tokens_per_s']:.1f} | {r['static_identical']} |")
     lines += ["", "| halt threshold | tok/s (cached) | mean supervision steps | net applications / token (max) |",
               "|---|---|---|---|"]
     for r in act_rows:
         lines.append(f"| {r['halt_threshold'] if r['halt_threshold'] is not None else 'off'} | {r['tokens_per_s']:.1f} "
                      f"| {r['mean_supervision_steps']:.2f} | {r['net_applications_per_token']:.2f} "
                      f"({r['max_net_applications_per_token']}) |")
+    if batch_rows:
+        lines += ["", f"Batch of {args.batch_size} ({n} new tokens each): halted rows leave the computation.", "",
+                  "| halt threshold | tok/s (all rows) | vs ACT off | net applications / token | work saved "
+                  "| same tokens as batch 1 |", "|---|---|---|---|---|---|"]
+        for r in batch_rows:
+            lines.append(f"| {r['halt_threshold'] if r['halt_threshold'] is not None else 'off'} | "
+                         f"{r['tokens_per_s']:.1f} | {r['speedup_vs_off']:.2f}x | {r['net_applications_per_token']:.2f} "
+                         f"| {100 * r['work_saved']:.1f}% | {r['same_tokens_as_batch_1']} |")
+    lines += ["", f"KV cache: {kv_bytes / 1024:.1f} KiB per token of context ({cfg.num_hidden_layers} virtual layers "
+              f"x keys and values x {cfg.hidden_size} x {next(model.parameters()).element_size()} bytes)."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -53,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(default: the model's config)")
     parser.add_argument("--supervision_steps", type=int, default=None,
                         help="TRM: run only the first k supervision steps per token (default: all)")
+    parser.add_argument("--share_step_cache", action="store_true",
+                        help="TRM: the supervision steps share one step's KV cache slots: KV memory / N_sup, "
+                             "not exact (benchmarks/results/kv_cache.md has its cost)")
     parser.add_argument("--stream", action="store_true", help="print the text as it is generated")
     parser.add_argument("--show_steps", action="store_true",
                         help="TRM: after the text, print the steps each token used and the top predictions per step")
@@ -76,7 +79,8 @@ def run(args: argparse.Namespace) -> None:
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, num_return_sequences=args.num_return_sequences,
-        halt_threshold=args.halt_threshold, supervision_steps=args.supervision_steps, seed=args.seed,
+        halt_threshold=args.halt_threshold, supervision_steps=args.supervision_steps,
+        share_step_cache=args.share_step_cache, seed=args.seed,
     )
     if args.show_steps and settings.num_return_sequences != 1:
         raise ValueError("--show_steps follows one sequence: use --num_return_sequences 1")

@@ -227,7 +227,7 @@ def test_default_model_missing_says_to_pass_model(cli, capsys, tmp_path, monkeyp
 
 def test_settings_reject_nan_and_wrong_types():
     for bad in (dict(top_p=math.nan), dict(max_new_tokens=2.5), dict(seed=-1), dict(temperature="hot"),
-                dict(max_new_tokens=True), dict(repetition_penalty=math.inf)):
+                dict(max_new_tokens=True), dict(repetition_penalty=math.inf), dict(share_step_cache="yes")):
         with pytest.raises(ValueError):
             GenerationSettings(**bad)
     assert GenerationSettings(max_new_tokens=64.0).max_new_tokens == 64  # sliders send floats

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, StaticCache
 
 from fixtures_model import WITHOUT_TRM_LM
 from trm_lm import TRMConfig, TRMForCausalLM
@@ -278,6 +278,102 @@ def test_act_generation_cached_equals_uncached_and_halted_state_is_frozen():
         s = int(out.steps_used[b, t])
         for later in range(s, 3):
             assert torch.equal(out.step_top_ids[later, b, t], out.step_top_ids[s - 1, b, t])
+
+
+def count_block_rows(model):
+    """Hook every block; returns (rows, remove): rows[0] sums the batch rows each block call computed."""
+    rows = [0]
+
+    def count(module, args):
+        rows[0] += args[0].shape[0]
+    handles = [block.register_forward_pre_hook(count) for block in model.model.core.blocks]
+    return rows, lambda: [h.remove() for h in handles]
+
+
+def test_act_in_a_batch_halted_rows_leave_and_tokens_equal_batch_one():
+    """A batch decoded with ACT gives each row the tokens it gets alone, and computes only the rows still running:
+    the rows the blocks see add up to exactly what the rows run one by one compute."""
+    model = tiny_model(supervision_steps=4, cycles=1, latent_steps=1)
+    make_halting_mixed(model)
+    prompts = torch.randint(1, 61, (4, 6))
+    kwargs = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, halt_threshold=0.5)
+    rows, remove = count_block_rows(model)
+    batch = model.generate(prompts, attention_mask=torch.ones_like(prompts), **kwargs)
+    batch_rows, rows[0] = rows[0], 0
+    alone = torch.cat([model.generate(p[None], **kwargs) for p in prompts])
+    alone_rows, rows[0] = rows[0], 0
+    model.generate(prompts, attention_mask=torch.ones_like(prompts), **{**kwargs, "halt_threshold": None})
+    remove()
+    assert torch.equal(batch, alone)
+    assert batch_rows == alone_rows < rows[0]  # fewer than with every row computing every step
+
+
+def test_act_in_a_padded_batch_matches_each_row_alone():
+    model = tiny_model(supervision_steps=3)
+    make_halting_mixed(model)
+    lengths = [3, 7, 5]
+    prompts = [torch.randint(1, 61, (n,)) for n in lengths]
+    ids = torch.zeros(3, 7, dtype=torch.long)
+    mask = torch.zeros(3, 7, dtype=torch.long)
+    for row, prompt in enumerate(prompts):  # left padding, as generate() expects
+        ids[row, 7 - len(prompt):], mask[row, 7 - len(prompt):] = prompt, 1
+    kwargs = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, halt_threshold=0.5)
+    batch = model.generate(ids, attention_mask=mask, **kwargs)[:, 7:]
+    for row, prompt in enumerate(prompts):
+        assert torch.equal(batch[row], model.generate(prompt[None], **kwargs)[0, len(prompt):])
+
+
+@pytest.mark.parametrize("halt_threshold", [None, 0.5])
+def test_static_cache_generation_equals_uncached(halt_threshold):
+    """A prefill into an empty StaticCache gets no mask from transformers: attention must still be causal, and
+    the ACT copy-forward must read this chunk's positions, not the end of the preallocated buffer."""
+    model = tiny_model(supervision_steps=3)
+    make_halting_mixed(model)
+    prompt = torch.randint(1, 61, (2, 9))
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=30, min_new_tokens=30, do_sample=False,
+                  halt_threshold=halt_threshold)
+    uncached = model.generate(prompt, use_cache=False, **kwargs)
+    assert torch.equal(model.generate(prompt, cache_implementation="static", **kwargs), uncached)
+    with torch.no_grad():
+        cache = StaticCache(config=model.config, max_cache_len=48)
+        prefill = model(prompt, cache=cache, use_cache=True, halt_threshold=halt_threshold).logits
+        torch.testing.assert_close(prefill, model(prompt, use_cache=False, halt_threshold=halt_threshold).logits)
+
+
+def cache_numel(cache) -> int:
+    return sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers
+               if getattr(layer, "keys", None) is not None)
+
+
+@pytest.mark.parametrize("halt_threshold", [None, 0.5])
+def test_shared_step_cache_divides_kv_memory_and_agrees_across_caches_and_batches(halt_threshold):
+    """share_step_cache: one step's slots for all N_sup steps. A single chunk (no past) computes exactly the full
+    forward; decoding differs (earlier tokens are seen at their last step) but is the same with a DynamicCache
+    or a StaticCache, in a batch or alone."""
+    model = tiny_model(supervision_steps=3)
+    make_halting_mixed(model)
+    prompts = torch.randint(1, 61, (3, 7))
+    with torch.no_grad():
+        exact, shared = DynamicCache(config=model.config), DynamicCache(config=model.config)
+        reference = model(prompts, cache=exact, halt_threshold=halt_threshold).logits
+        logits = model(prompts, cache=shared, halt_threshold=halt_threshold, share_step_cache=True).logits
+    torch.testing.assert_close(logits, reference)
+    assert cache_numel(shared) * 3 == cache_numel(exact)
+    kwargs = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, halt_threshold=halt_threshold,
+                  share_step_cache=True)
+    mask = torch.ones_like(prompts)
+    dynamic = model.generate(prompts, attention_mask=mask, **kwargs)
+    assert torch.equal(model.generate(prompts, attention_mask=mask, cache_implementation="static", **kwargs), dynamic)
+    assert torch.equal(torch.cat([model.generate(p[None], **kwargs) for p in prompts]), dynamic)
+    assert not torch.equal(model.generate(prompts, attention_mask=mask, **{**kwargs, "share_step_cache": False}),
+                           dynamic)  # it is an approximation, and the exact mode is not affected by it
+
+
+def test_shared_step_cache_is_inference_only():
+    model = tiny_model().train()
+    ids = torch.ones(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="inference"):
+        model(ids, cache=DynamicCache(config=model.config), share_step_cache=True)
 
 
 def test_halt_threshold_validation():

@@ -51,13 +51,14 @@ def decode_together(model, tokenizer, prompts, settings_list, trace_top_k=0, **d
         decoder.close()
 
 
-@pytest.mark.parametrize("temperature, halt_threshold, repetition_penalty", [
-    (0.0, 0, 1.0), (0.0, 0.5, 1.3), (0.9, 0, 1.0), (0.9, 0.5, 1.2)])
+@pytest.mark.parametrize("temperature, halt_threshold, repetition_penalty, share_step_cache", [
+    (0.0, 0, 1.0, False), (0.0, 0.5, 1.3, False), (0.9, 0, 1.0, False), (0.9, 0.5, 1.2, False), (0.0, 0.5, 1.0, True)])
 def test_a_batch_gives_each_request_what_generate_gives_alone(model_and_tokenizer, temperature, halt_threshold,
-                                                              repetition_penalty):
+                                                              repetition_penalty, share_step_cache):
     model, tokenizer = model_and_tokenizer
     settings = [GenerationSettings(max_new_tokens=24 + 4 * i, temperature=temperature, top_p=0.9, seed=100 + i,
-                                   halt_threshold=halt_threshold, repetition_penalty=repetition_penalty)
+                                   halt_threshold=halt_threshold, repetition_penalty=repetition_penalty,
+                                   share_step_cache=share_step_cache)
                 for i in range(len(PROMPTS))]
     alone = [generate_text(model, tokenizer, p, s) for p, s in zip(PROMPTS, settings)]
     together, batch_sizes = decode_together(model, tokenizer, PROMPTS, settings)

@@ -35,6 +35,14 @@ def weights_sha256() -> str:
     return hashlib.sha256((SHIPPED / "model.safetensors").read_bytes()).hexdigest()
 
 
+@pytest.mark.parametrize("name", ["core.py", "modeling_trm.py", "configuration_trm.py"])
+def test_shipped_remote_code_is_the_package_code(name):
+    """Users loading the folder with trust_remote_code run these files: they must be the package's, byte for byte
+    (refresh with `python -m trm_lm.hub export ... --overwrite` or by copying trm_lm/<file>)."""
+    assert (SHIPPED / name).read_bytes() == (REPO_ROOT / "trm_lm" / name).read_bytes(), \
+        f"{SHIPPED.name}/{name} is not trm_lm/{name}"
+
+
 def load_shipped():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -111,16 +111,14 @@ class SelfAttention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         return q, k, v
 
-    def forward(self, hidden, rotary, attention_mask, cache, layer_idx, copy_from_idx, frozen):
+    def forward(self, hidden, rotary, attention_mask, cache, layer_idx):
         B, T, C = hidden.shape
         q, k, v = self.project(hidden, rotary)
         if cache is not None:
-            if frozen is not None:  # halted positions: keys/values copied forward, not recomputed
-                old_k, old_v = cached_chunk(cache, copy_from_idx, T)
-                keep = frozen[:, None, :, None]  # (B, 1, T, 1)
-                k, v = torch.where(keep, old_k, k), torch.where(keep, old_v, v)
-            k, v = cache.update(k, v, layer_idx)  # (B, nh, past + T, hd)
-        is_causal = self.causal and attention_mask is None and T > 1 and k.shape[2] == T
+            k, v = cache.update(k, v, layer_idx)  # (B, nh, past + T, hd); a StaticCache: (B, nh, max_len, hd)
+        # No mask is only passed where upper-left causal alignment is right: no past (an empty cache, static
+        # or dynamic), or keys == queries; a single query attends to every key it is given.
+        is_causal = self.causal and attention_mask is None and T > 1
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=is_causal)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, C))
 
@@ -147,14 +145,13 @@ class TRMBlock(GradientCheckpointingLayer):
         self.mixer = SelfAttention(config) if config.mixer == "attention" else SequenceMLP(config)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def _mix(self, hidden, rotary, attention_mask, cache, layer_idx, copy_from_idx, frozen):
+    def _mix(self, hidden, rotary, attention_mask, cache, layer_idx):
         if self.mixer_kind == "attention":
-            return self.mixer(hidden, rotary, attention_mask, cache, layer_idx, copy_from_idx, frozen)
+            return self.mixer(hidden, rotary, attention_mask, cache, layer_idx)
         return self.mixer(hidden)
 
-    def forward(self, hidden, rotary=None, attention_mask=None, cache=None, layer_idx=0,
-                copy_from_idx=None, frozen=None):
-        mix = (hidden, rotary, attention_mask, cache, layer_idx, copy_from_idx, frozen)
+    def forward(self, hidden, rotary=None, attention_mask=None, cache=None, layer_idx=0):
+        mix = (hidden, rotary, attention_mask, cache, layer_idx)
         if self.post_norm:
             if self.mixer_kind == "mlp":  # official TRM-MLP normalises the token-mixed stream over the sequence axis
                 hidden = rms_norm((hidden + self._mix(*mix)).transpose(1, 2), self.eps).transpose(1, 2)
@@ -165,14 +162,85 @@ class TRMBlock(GradientCheckpointingLayer):
         return hidden + self.mlp(rms_norm(hidden, self.eps))
 
 
-def cached_chunk(cache, layer_idx: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The last `length` keys/values of a virtual layer: the current chunk's entries there."""
-    layer = cache.layers[layer_idx]
-    return layer.keys[:, :, -length:], layer.values[:, :, -length:]
+def take_rows(tensor, rows):
+    """tensor[rows] along the batch axis; a tensor broadcast over the batch (size 1) or None stays as it is."""
+    return tensor if rows is None or tensor is None or tensor.shape[0] == 1 else tensor.index_select(0, rows)
+
+
+class RecursionCache:
+    """One forward pass's view of a transformers KV cache: virtual-layer slots and the ACT copy-forward.
+
+    `cache` is any transformers Cache (DynamicCache, StaticCache, ...); `past` is its length before this
+    chunk. Attention calls `update(k, v, layer_idx)` as with a plain cache; what early exit needs lives
+    here, set once per supervision step by `halt(frozen, rows)`:
+    - frozen (B, T) bool: halted positions. Their keys/values are not recomputed but copied from the same
+      virtual layer of the previous step (by induction, the last step they computed).
+    - rows: the batch rows still computing (None = all). The network runs on those rows only; a halted
+      row's slots are filled by the copy alone, so a batch saves the work of every row that has stopped.
+
+    Slots. Exact (default): one slot per virtual layer, so cached decoding computes what a full forward
+    computes, at N_sup x the memory of one step. `shared=True` (inference): the supervision steps share
+    one step's slots; each step overwrites this chunk's entries, so later tokens see every earlier token
+    at the last step it computed (Ouro/Huginn style: KV memory / N_sup, not exact; a halted token is
+    simply not overwritten). A wrapper rather than a Cache subclass: generate(), users and the batched
+    server create the cache.
+    """
+
+    def __init__(self, cache, layers_per_step: int, past: int, shared: bool = False):
+        self.cache, self.layers_per_step, self.past, self.shared = cache, layers_per_step, past, shared
+        self.frozen, self.rows, self.partial = None, None, False
+
+    @property
+    def layers(self):
+        return self.cache.layers
+
+    def slot(self, layer_idx: int) -> int:
+        return layer_idx % self.layers_per_step if self.shared else layer_idx
+
+    def halt(self, frozen, rows=None) -> bool:
+        """Set this step's halted positions; returns whether a computing row has some (a prefill chunk does)."""
+        self.frozen, self.rows = frozen, rows
+        self.partial = frozen is not None and bool(take_rows(frozen, rows).any())
+        return self.partial
+
+    def chunk(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This chunk's keys/values in one slot (positions past .. past + length): (B, nh, length, hd)."""
+        layer = self.cache.layers[slot]
+        return layer.keys[:, :, self.past:self.past + length], layer.values[:, :, self.past:self.past + length]
+
+    def update(self, k, v, layer_idx: int):
+        """k, v: (rows, nh, T, hd) of the computing rows. Returns the keys/values those rows attend to."""
+        first_step = layer_idx < self.layers_per_step
+        if self.frozen is not None or (self.shared and not first_step):
+            source = self.slot(layer_idx) if self.shared else layer_idx - self.layers_per_step
+            old_k, old_v = self.chunk(source, k.shape[2])  # (B, nh, T, hd): the previous step's
+            if self.rows is not None:
+                k, v = old_k.index_copy(0, self.rows, k), old_v.index_copy(0, self.rows, v)
+            if self.partial:
+                keep = self.frozen[:, None, :, None]  # (B, 1, T, 1)
+                k, v = torch.where(keep, old_k, k), torch.where(keep, old_v, v)
+        if self.shared and not first_step:  # overwrite this chunk's entries in the shared slot
+            old_k.copy_(k)
+            old_v.copy_(v)
+            layer = self.cache.layers[self.slot(layer_idx)]
+            keys, values = layer.keys, layer.values
+        else:
+            keys, values = self.cache.update(k, v, self.slot(layer_idx))
+        return take_rows(keys, self.rows), take_rows(values, self.rows)
+
+    def copy_forward(self, step: int, length: int) -> None:
+        """Every position of the chunk has halted: fill this step's slots without running the network."""
+        if self.shared:
+            return  # the shared slots already hold each position's last computed step
+        first = step * self.layers_per_step
+        for idx in range(first, first + self.layers_per_step):
+            self.cache.update(*self.chunk(idx - self.layers_per_step, length), idx)
 
 
 class TRMCore(nn.Module):
     """The tiny network and the recursion around it. Token- and task-agnostic: works on (B, T, D) states."""
+
+    halted_rows_leave = True  # False while per-layer outputs are recorded (they need every row)
 
     def __init__(self, config):
         super().__init__()
@@ -209,12 +277,9 @@ class TRMCore(nn.Module):
         z = self.z_init.to(dtype).expand(batch, length, -1)
         return y, z
 
-    def net(self, hidden, base_layer, *, rotary=None, attention_mask=None, cache=None, frozen=None):
-        copy_stride = self.layers_per_step
+    def net(self, hidden, base_layer, *, rotary=None, attention_mask=None, cache=None):
         for i, block in enumerate(self.blocks):
-            idx = base_layer + i
-            hidden = block(hidden, rotary=rotary, attention_mask=attention_mask, cache=cache,
-                           layer_idx=idx, copy_from_idx=idx - copy_stride, frozen=frozen)
+            hidden = block(hidden, rotary=rotary, attention_mask=attention_mask, cache=cache, layer_idx=base_layer + i)
         return rms_norm(hidden, self.eps) if self.pre_norm else hidden
 
     def inject_latent(self, z, y, x):
@@ -232,34 +297,41 @@ class TRMCore(nn.Module):
         """One deep-supervision step: T cycles of (n latent updates, 1 answer update); gradient only in the last.
 
         x, y, z: (B, T, D). `step` selects the KV-cache slots. `frozen` (B, T) bool marks halted positions
-        (inference only, needs a cache): their y/z are returned unchanged and their K/V are copied forward.
+        (inference only, needs a RecursionCache): their y/z are returned unchanged, their K/V are copied
+        forward, and rows with every position halted leave the computation.
         Returns the new (y, z), NOT detached: the caller decides what carries over.
         """
+        rows = None
         if frozen is not None and not frozen.any():
             frozen = None
-        if frozen is not None and cache is None:
-            raise ValueError("frozen (halted) positions need a KV cache to copy their keys/values forward")
-        if frozen is not None and frozen.all():
-            self._copy_forward(cache, step, x.shape[1])
-            return y, z
-        common = dict(rotary=rotary, attention_mask=attention_mask, cache=cache, frozen=frozen)
+        if frozen is not None:
+            if not isinstance(cache, RecursionCache):
+                raise ValueError("frozen (halted) positions need a KV cache to copy their keys/values forward")
+            running = ~frozen.all(dim=1)  # (B,) rows with a position still computing
+            if not running.any():
+                cache.copy_forward(step, x.shape[1])
+                return y, z
+            if self.halted_rows_leave and not running.all():
+                rows = running.nonzero().squeeze(1)
+            if not cache.halt(frozen, rows):
+                frozen = None  # no computing row has a halted position (decoding): leaving rows is all it takes
+        elif isinstance(cache, RecursionCache):
+            cache.halt(None)
+        common = dict(rotary=None if rotary is None else tuple(take_rows(t, rows) for t in rotary),
+                      attention_mask=take_rows(attention_mask, rows), cache=cache)
         y_in, z_in = y, z
+        x, y, z = take_rows(x, rows), take_rows(y, rows), take_rows(z, rows)
         for cycle in range(self.cycles):
             with torch.no_grad() if cycle < self.cycles - 1 else nullcontext():
                 for update in range(self.latent_steps):
                     z = self.net(self.inject_latent(z, y, x), self.virtual_layer(step, cycle, update, 0), **common)
                 y = self.net(self.inject_answer(y, z), self.virtual_layer(step, cycle, self.latent_steps, 0), **common)
+        if rows is not None:
+            y, z = y_in.index_copy(0, rows, y), z_in.index_copy(0, rows, z)
         if frozen is not None:
             keep = frozen[..., None]
             y, z = torch.where(keep, y_in, y), torch.where(keep, z_in, z)
         return y, z
-
-    def _copy_forward(self, cache, step: int, length: int) -> None:
-        """Every position of the chunk has halted: fill this step's slots without running the network."""
-        first = step * self.layers_per_step
-        for idx in range(first, first + self.layers_per_step):
-            k, v = cached_chunk(cache, idx - self.layers_per_step, length)
-            cache.update(k, v, idx)
 
     def halt_logits(self, y: torch.Tensor) -> torch.Tensor:
         return self.halt_head(y).squeeze(-1).float()  # (B, T)

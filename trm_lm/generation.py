@@ -270,6 +270,7 @@ class GenerationSettings:
     num_return_sequences: int = 1
     halt_threshold: float | None = None  # TRM per-token exit: None = the model's config, 0 = off, (0, 1] = on
     supervision_steps: int | None = None  # TRM: run only the first k supervision steps; None = all
+    share_step_cache: bool = False  # TRM: the steps share one step's KV slots (memory / N_sup, not exact)
     seed: int | None = None  # None = not reproducible
 
     def __post_init__(self):
@@ -308,6 +309,8 @@ class GenerationSettings:
             self.supervision_steps = _check_number("supervision_steps", self.supervision_steps, integer=True)
             if self.supervision_steps < 1:
                 raise ValueError(f"supervision_steps must be >= 1, got {self.supervision_steps}")
+        if not isinstance(self.share_step_cache, bool):
+            raise ValueError(f"share_step_cache must be True or False, got {self.share_step_cache!r}")
         if self.seed is not None:
             self.seed = _check_number("seed", self.seed, integer=True)
             if not 0 <= self.seed < 2**32:
@@ -383,10 +386,10 @@ def generate_kwargs(model, tokenizer, settings: GenerationSettings) -> dict:
     else:  # top_k=0 must be given: left unset, generate() applies its global default of 50
         config.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
     kwargs = dict(generation_config=GenerationConfig(**config))
-    if settings.halt_threshold is None and settings.supervision_steps is None:
+    if settings.halt_threshold is None and settings.supervision_steps is None and not settings.share_step_cache:
         return kwargs
     if not is_trm(model):
-        raise ValueError(f"halt_threshold and supervision_steps are TRM controls; this model is "
+        raise ValueError(f"halt_threshold, supervision_steps and share_step_cache are TRM controls; this model is "
                          f"{getattr(model.config, 'model_type', type(model).__name__)!r}")
     if settings.halt_threshold is not None:
         kwargs["halt_threshold"] = settings.halt_threshold or None  # 0 = off = None for the model
@@ -397,6 +400,8 @@ def generate_kwargs(model, tokenizer, settings: GenerationSettings) -> dict:
                              f"(trained with {trained}; up to {TEST_TIME_DEPTH}x that runs at test time), "
                              f"got {settings.supervision_steps}")
         kwargs["supervision_steps"] = settings.supervision_steps
+    if settings.share_step_cache:
+        kwargs["share_step_cache"] = True
     return kwargs
 
 

@@ -34,7 +34,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_trm import TRMConfig
-from .core import SelfAttention, TRMCore, init_trm_weights
+from .core import RecursionCache, SelfAttention, TRMCore, init_trm_weights
 
 _FROM_CONFIG = "config"  # halt_threshold default: use config.halt_threshold
 
@@ -116,9 +116,12 @@ def recorded_outputs(model: "TRMModel", hidden_states: bool, attentions: bool):
         handles += [block.mixer.register_forward_hook(keep_attention) for block in core.blocks
                     if isinstance(block.mixer, SelfAttention)]
     result = {}
+    if handles:  # a record has one entry per batch row: halted rows keep being computed while recording
+        core.halted_rows_leave = False
     try:
         yield result
     finally:
+        core.halted_rows_leave = True
         for handle in handles:
             handle.remove()
     stride = core.layers_per_step
@@ -136,14 +139,15 @@ def attention_weights(attention: SelfAttention, hidden, rotary, attention_mask, 
     """softmax(q k^T / sqrt(d) + mask) of one attention call: (B, heads, T, keys)."""
     T = hidden.shape[1]
     q, k, _ = attention.project(hidden, rotary)
-    if cache is not None:
-        k = cache.layers[layer_idx].keys  # after this call's update: past + this chunk (copied-forward included)
+    if cache is not None:  # after this call's update: past + this chunk (copied-forward included)
+        k = cache.layers[cache.slot(layer_idx) if isinstance(cache, RecursionCache) else layer_idx].keys
     scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(attention.head_dim)  # (B, nh, T, K)
     if attention_mask is not None:
         scores = scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool \
             else scores + attention_mask.float()
-    elif attention.causal and T > 1 and k.shape[2] == T:
-        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    elif attention.causal and T > 1:  # upper-left aligned, as SDPA's is_causal (see SelfAttention.forward)
+        future = torch.ones(T, k.shape[2], dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
     return torch.softmax(scores, dim=-1).to(q.dtype)
 
 
@@ -255,12 +259,13 @@ class TRMModel(TRMPreTrainedModel):
         self.embed_tokens = value
 
     def recurse(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
-                inputs_embeds=None, supervision_steps=None, halt_rule=None):
+                inputs_embeds=None, supervision_steps=None, halt_rule=None, share_step_cache=False):
         """Run the supervision steps; yield (step, y, halt_logits, steps_used) after each.
 
         y: (B, T, D) answer state after the step (with grad in training; the carry into the next step is
         detached). halt_logits: (B, T). steps_used: (B, T) steps run so far by each position.
         halt_rule(y, halt_logits) -> (B, T) bool: positions that stop after this step (inference only).
+        share_step_cache: the supervision steps share one step's cache slots (see RecursionCache).
         """
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
@@ -268,7 +273,9 @@ class TRMModel(TRMPreTrainedModel):
         steps = cfg.supervision_steps if supervision_steps is None else supervision_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"supervision_steps must be a positive integer, got {supervision_steps!r}")
-        if cache is not None:  # test-time depth: more steps than trained get extra cache slots
+        if share_step_cache and self.training:
+            raise ValueError("share_step_cache is an inference-time setting (it overwrites cache entries in place)")
+        if cache is not None and not share_step_cache:  # test-time depth: more steps than trained get extra slots
             _ensure_cache_slots(cache, steps * self.core.layers_per_step)
         if inputs_embeds is None:
             # On CPU the range check is free and turns an opaque IndexError into a clear message; on an
@@ -280,7 +287,7 @@ class TRMModel(TRMPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         x = inputs_embeds * self.embed_scale  # (B, T, D)
         B, T, _ = x.shape
-        past = cache.get_seq_length() if cache is not None else 0
+        past = int(cache.get_seq_length()) if cache is not None else 0
         if past + T > cfg.max_position_embeddings:
             raise ValueError(f"sequence length {past + T} exceeds max_position_embeddings="
                              f"{cfg.max_position_embeddings}; truncate the prompt (keep its end)")
@@ -293,13 +300,14 @@ class TRMModel(TRMPreTrainedModel):
         mask = create_causal_mask(config=cfg, inputs_embeds=x, attention_mask=attention_mask,
                                   position_ids=position_ids, **{_MASK_CACHE_KWARG: cache})
 
+        slots = RecursionCache(cache, self.core.layers_per_step, past, share_step_cache) if cache is not None else None
         y, z = self.core.initial_state(B, T, x.dtype)
         halted = None  # (B, T) bool once ACT froze something
         steps_used = torch.zeros(B, T, dtype=torch.long, device=x.device)
         for step in range(steps):
             steps_used += 1 if halted is None else (~halted).long()
             y, z = self.core.supervision_step(x, y, z, step, rotary=rotary, attention_mask=mask,
-                                              cache=cache, frozen=halted)
+                                              cache=slots, frozen=halted)
             halt_logits = self.core.halt_logits(y)
             yield step, y, halt_logits, steps_used
             y, z = y.detach(), z.detach()  # deep supervision: the carry holds no graph
@@ -309,7 +317,7 @@ class TRMModel(TRMPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, use_cache=None, supervision_steps=None, halt_threshold=_FROM_CONFIG,
-                past_key_values=None, **kwargs):
+                share_step_cache=False, past_key_values=None, **kwargs):
         """The answer state y after the last step. halt_threshold: as TRMForCausalLM's (head rule only)."""
         cache = _one_cache(cache, past_key_values)
         if isinstance(halt_threshold, str) and halt_threshold == _FROM_CONFIG:
@@ -322,7 +330,7 @@ class TRMModel(TRMPreTrainedModel):
         y = None
         with recorded_outputs(self, want_hidden, want_attentions) as recorded:
             for _, y, _, _ in self.recurse(input_ids, attention_mask, position_ids, cache, inputs_embeds,
-                                           supervision_steps, rule):
+                                           supervision_steps, rule, share_step_cache):
                 pass
         out = BaseModelOutputWithPast(last_hidden_state=y, **{CACHE_FIELD: cache if use_cache else None},
                                       hidden_states=recorded.get("hidden_states"),
@@ -353,8 +361,8 @@ class TRMForCausalLM(TRMPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, supervision_steps=None,
-                halt_threshold=_FROM_CONFIG, halt_criterion="head", output_step_topk=0, past_key_values=None,
-                **kwargs) -> TRMCausalLMOutputWithPast:
+                halt_threshold=_FROM_CONFIG, halt_criterion="head", output_step_topk=0, share_step_cache=False,
+                past_key_values=None, **kwargs) -> TRMCausalLMOutputWithPast:
         """Standard causal-LM forward, plus TRM controls.
 
         supervision_steps: run only the first k steps (inference; default all).
@@ -365,6 +373,8 @@ class TRMForCausalLM(TRMPreTrainedModel, GenerationMixin):
             "entropy" training-free: stop when the next-token entropy (nats) <= threshold;
             "kl"      training-free: stop when KL(p_step || p_previous_step) (nats) <= threshold.
         output_step_topk: return the top-k next-token predictions after every step (inspection).
+        share_step_cache: with a cache, the supervision steps share one step's K/V slots: KV memory / N_sup,
+            earlier tokens seen at their last computed step; not exact (the default, False, is).
         cache: the KV cache (`past_key_values` before transformers 5.24; either name is read).
         """
         cfg = self.config
@@ -391,7 +401,8 @@ class TRMForCausalLM(TRMPreTrainedModel, GenerationMixin):
         logits = steps_used = None
         with recorded_outputs(self.model, want_hidden, want_attentions) as recorded:
             for step, y, halt_logits, steps_used in self.model.recurse(
-                    input_ids, attention_mask, position_ids, cache, inputs_embeds, supervision_steps, rule):
+                    input_ids, attention_mask, position_ids, cache, inputs_embeds, supervision_steps, rule,
+                    share_step_cache):
                 last = step == steps - 1
                 if not (last or labels is not None or output_step_topk):
                     continue

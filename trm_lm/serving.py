@@ -150,7 +150,8 @@ class BatchedDecoder:
             check_trace_top_k(self.model, trace_top_k)
         encoded = prepare_prompt(self.model, self.tokenizer, prompt, settings)
         kwargs = generate_kwargs(self.model, self.tokenizer, settings)  # checks the TRM controls
-        controls = {name: kwargs[name] for name in ("halt_threshold", "supervision_steps") if name in kwargs}
+        controls = {name: kwargs[name] for name in ("halt_threshold", "supervision_steps", "share_step_cache")
+                    if name in kwargs}
         generator = torch.Generator()
         if settings.seed is None:
             generator.seed()
@@ -267,7 +268,9 @@ class BatchedDecoder:
                                   for row in group], self.pad_token_id)
             device = self.model.device
             batch = self.model.step_records(ids.to(device), [row.encoded.input_ids.shape[1] for row in group],
-                                            top_k=top_k, attention_mask=mask.to(device), **group[0].controls)
+                                            top_k=top_k, attention_mask=mask.to(device),
+                                            **{name: value for name, value in group[0].controls.items()
+                                               if name != "share_step_cache"})  # records: a full forward
             for row, records in zip(group, batch):
                 row.records = records
 
