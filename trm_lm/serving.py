@@ -82,6 +82,15 @@ def logits_processors(settings: GenerationSettings) -> LogitsProcessorList:
     return processors
 
 
+def step_record(out, row: int, top_k: int, token_id: int, position: int) -> dict:
+    """model.inspect()'s record of one decoded token, from the forward pass that predicted it (its last column)."""
+    used = int(out.steps_used[row, -1])
+    return {"position": position, "token_id": token_id, "steps_used": used,
+            "step_predictions": [{"step": s + 1, "top_ids": out.step_top_ids[s, row, -1, :top_k].tolist(),
+                                  "top_probs": out.step_top_probs[s, row, -1, :top_k].tolist()}
+                                 for s in range(used)]}
+
+
 @dataclass(eq=False)
 class _Request:
     encoded: EncodedPrompt
@@ -90,7 +99,7 @@ class _Request:
     streamer: TextIteratorStreamer
     processors: LogitsProcessorList
     generator: torch.Generator
-    trace_top_k: int = 0  # > 0: also record what the recursion did for each token (model.step_records)
+    trace_top_k: int = 0  # > 0: also record what the recursion did for each token (as model.inspect)
     token_ids: list[int] = field(default_factory=list)
     records: list[dict] | None = None
     reader_gone: threading.Event = field(default_factory=threading.Event)
@@ -139,7 +148,7 @@ class BatchedDecoder:
         """Queue one generation; returns a generator of its text that returns a GenerationResult.
 
         Everything is checked before this returns. With `trace_top_k=k` (TRM) the result carries
-        `model.inspect`'s per-token records, scored in the decoding thread for all rows that end together.
+        `model.inspect`'s per-token records, taken from the decoding's own forward passes.
         Closing the generator early drops the row from its batch.
         """
         if self._closed:
@@ -228,13 +237,21 @@ class BatchedDecoder:
         input_ids, attention_mask, position_ids = input_ids.to(device), attention_mask.to(device), position_ids.to(device)
         cache = DynamicCache(config=self.model.config)
         self.batch_sizes.append(len(rows))
+        for row in rows:
+            row.records = [] if row.trace_top_k else None
         while True:
+            # The depth view's records come from the decoding itself: each step's top-k for the next token.
+            trace_top_k = max(row.trace_top_k for row in rows)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=True, logits_to_keep=1, **{CACHE_FIELD: cache}, **rows[0].controls)
+                             use_cache=True, logits_to_keep=1, output_step_topk=trace_top_k,
+                             **{CACHE_FIELD: cache}, **rows[0].controls)
             logits = out.logits[:, -1].to(dtype=torch.float32)  # (B, V)
             keep, next_ids, done = [], [], []
             for i, row in enumerate(rows):
                 token = row.next_token(logits[i:i + 1])
+                if row.trace_top_k:
+                    row.records.append(step_record(out, i, row.trace_top_k, token,
+                                                   row.encoded.input_ids.shape[1] + len(row.token_ids)))
                 row.token_ids.append(token)
                 row.streamer.put(torch.tensor([token]))
                 if token == self.eos_token_id or len(row.token_ids) >= row.settings.max_new_tokens \
@@ -243,7 +260,6 @@ class BatchedDecoder:
                 else:
                     keep.append(i)
                     next_ids.append(token)
-            self._record([row for row in done if row.trace_top_k and not row.reader_gone.is_set()])
             for row in done:
                 row.finish()
             if not keep:
@@ -257,22 +273,6 @@ class BatchedDecoder:
             input_ids = torch.tensor(next_ids, dtype=torch.long, device=device).unsqueeze(1)  # (B, 1)
             position_ids = (last_position + 1).unsqueeze(1)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
-
-    def _record(self, rows: list[_Request]) -> None:
-        """Fill `records` of the rows that finished together: one padded forward per top-k asked for."""
-        by_top_k: dict[int, list[_Request]] = {}
-        for row in rows:
-            by_top_k.setdefault(row.trace_top_k, []).append(row)
-        for top_k, group in by_top_k.items():
-            ids, mask = left_pad([torch.cat([row.encoded.input_ids[0], torch.tensor(row.token_ids, dtype=torch.long)])
-                                  for row in group], self.pad_token_id)
-            device = self.model.device
-            batch = self.model.step_records(ids.to(device), [row.encoded.input_ids.shape[1] for row in group],
-                                            top_k=top_k, attention_mask=mask.to(device),
-                                            **{name: value for name, value in group[0].controls.items()
-                                               if name != "share_step_cache"})  # records: a full forward
-            for row, records in zip(group, batch):
-                row.records = records
 
 
 __all__ = ["BatchedDecoder", "left_pad", "logits_processors"]
