@@ -1,12 +1,14 @@
 """Gradio app: write a story with a Tiny Recursive Model and see how long it thought about each token.
 
-    python app.py [--model DIR_OR_HUB_ID] [--host 127.0.0.1] [--port 7860]
+    python app.py [--model DIR_OR_HUB_ID] [--puzzle_model DIR] [--host 127.0.0.1] [--port 7860]
 
 The story streams in as it is generated. Then every generated token is coloured by the number of
 supervision steps it ran: with a halt threshold, a token the model is already sure of exits after the
 first step(s) (per-token ACT). The table under "Per-step predictions" lists the top predictions after
 each step. Runs offline and local-only: analytics off, no share link, 127.0.0.1 unless --host says otherwise.
 The same function is an API endpoint, `/generate` (gradio_client: `Client(url).predict(..., api_name="/generate")`).
+The Puzzles tab solves a Sudoku with a grid TRM (--puzzle_model, default checkpoints/trm-sudoku6 when it exists)
+and shows the grid after every supervision step as it is computed (puzzles/solve.py; endpoint `/solve_sudoku`).
 Many users at once: their requests are decoded together in one batch (trm_lm/serving.py), so serving 16 users
 costs little more than serving one; a seeded request gives the same story whoever else is being served.
 """
@@ -20,8 +22,11 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported
 
 import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from puzzles.solve import SolveResult, SolveStep, SudokuSolver, default_solver_path, load_solver  # noqa: E402
+from puzzles.sudoku import SudokuShape, format_sudoku, generate_puzzle  # noqa: E402
 from trm_lm.generation import (  # noqa: E402
     TEST_TIME_DEPTH,
     GenerationSettings,
@@ -47,12 +52,28 @@ EXAMPLES = ["Once upon a time, there was a little dog named Max.", "Lily and Tom
             "The sun was hot, so the cat"]
 # cool to hot: green = exited after the first step, dark red = ran every supervision step
 DEPTH_COLOURS = ["#48bb78", "#ecc94b", "#ed8936", "#e53e3e", "#9b2c2c"]
+# Puzzles tab: example boards from the project's generator with a seed no data build uses (builds spawn theirs
+# from --seed, default 0), and a pause between step grids so the eye can follow the refinement
+PUZZLE_EXAMPLE_SEED = 2025
+NUM_PUZZLE_EXAMPLES = 3
+PUZZLE_STEP_DELAY = 0.25
+CHANGED_COLOUR = "#fde68a"  # amber: the digit differs from the previous step's
+CLASH_COLOUR = "#fca5a5"  # red: the model's digit overwrites a clue
+NO_SOLVER_NOTE = "No Sudoku solver is loaded: start the app with --puzzle_model DIR (a Sudoku grid TRM folder)."
+
+
+def user_error(message: str) -> gr.Error:
+    """A message for the user; not a server-side traceback (the server is fine)."""
+    return gr.Error(message, print_exception=False)
 
 
 def build_demo(model, tokenizer, *, max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP,
                max_prompt_chars: int = MAX_PROMPT_CHARS, default_seed: int | None = None,
-               max_batch_size: int = CONCURRENCY, stream_interval: float = STREAM_INTERVAL) -> gr.Blocks:
-    """The app around a loaded model; `serve(demo, ...)` it (see main). `demo.decoder` is its BatchedDecoder."""
+               max_batch_size: int = CONCURRENCY, stream_interval: float = STREAM_INTERVAL,
+               puzzle_solver: SudokuSolver | None = None, puzzle_note: str = NO_SOLVER_NOTE,
+               puzzle_step_delay: float = PUZZLE_STEP_DELAY) -> gr.Blocks:
+    """The app around a loaded model; `serve(demo, ...)` it (see main). `demo.decoder` is its BatchedDecoder.
+    Without a `puzzle_solver` the Puzzles tab shows `puzzle_note` (why there is none) instead."""
     trm = is_trm(model)
     trained_steps = model.config.supervision_steps if trm else 1
     max_steps = TEST_TIME_DEPTH * trained_steps if trm else 1  # thinking longer than trained: up to 2x
@@ -63,10 +84,6 @@ def build_demo(model, tokenizer, *, max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP
                   for s in range(1, max_steps + 1)}
 
     decoder = BatchedDecoder(model, tokenizer, max_batch_size=max_batch_size)
-
-    def user_error(message: str) -> gr.Error:
-        """A message for the user; not a server-side traceback (the server is fine)."""
-        return gr.Error(message, print_exception=False)
 
     def generate(prompt, temperature, top_p, max_new_tokens, halt_threshold, supervision_steps, seed):
         """Stream the story; end with the depth view, the per-step table and a summary."""
@@ -122,47 +139,149 @@ def build_demo(model, tokenizer, *, max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP
                    f"(mean {mean:.2f} of {max_steps}).")
         yield story, depth, {"headers": headers, "data": rows}, " ".join(notes + [summary])
 
-    with gr.Blocks(title="Tiny Recursive Model: stories", analytics_enabled=False) as demo:
-        gr.Markdown("# Tiny Recursive Model: stories\nType the start of a story. Tokens are coloured by the "
-                    "number of supervision steps (recursion depth) the model spent on them.")
-        with gr.Row():
-            with gr.Column(scale=1):
-                prompt = gr.Textbox(label="Prompt", lines=3, value=EXAMPLES[0], elem_id="prompt")
-                with gr.Row():
-                    run = gr.Button("Generate", variant="primary", elem_id="generate-btn")
-                    stop = gr.Button("Stop", elem_id="stop-btn")
-                temperature = gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="Temperature (0 = greedy)")
-                top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p")
-                max_new_tokens = gr.Slider(1, max_new_tokens_cap, value=min(128, max(1, max_new_tokens_cap // 2)),
-                                           step=1, label="Max new tokens", elem_id="max-new-tokens")
-                # on by default (the config's value, else 0.9): with it off every token runs every step
-                halt_threshold = gr.Slider(
-                    0.0, 1.0, value=(model.config.halt_threshold or 0.9) if trm else 0.0, step=0.01, visible=trm,
-                    elem_id="halt-threshold", label="Halt threshold (a token stops once P(halt) >= this; 0 = off)")
-                supervision_steps = gr.Slider(1, max(max_steps, 2), value=trained_steps, step=1, visible=trm,
-                                              label=f"Supervision steps (trained with {trained_steps}; up to "
-                                                    f"{max_steps} thinks longer than trained)")
-                seed = gr.Number(value=-1 if default_seed is None else default_seed, precision=0,
-                                 label="Seed (-1 = random)")
-                gr.Examples(EXAMPLES, inputs=[prompt])
-            with gr.Column(scale=2):
-                story = gr.Textbox(label="Story", lines=10, interactive=False, elem_id="story")
-                depth = gr.HighlightedText(label="Supervision steps per generated token", color_map=colour_map,
-                                           show_legend=True, show_inline_category=False, elem_id="depth",
-                                           visible=trm)
-                status = gr.Markdown(label="Summary", elem_id="status")
-                with gr.Accordion("Per-step predictions (top-3 after each supervision step)", open=False,
-                                  visible=trm, elem_id="predictions-accordion"):
-                    predictions = gr.Dataframe(label="Per-step predictions", interactive=False, wrap=True,
-                                               elem_id="predictions")
-        event = run.click(generate, inputs=[prompt, temperature, top_p, max_new_tokens, halt_threshold,
-                                            supervision_steps, seed],
-                          outputs=[story, depth, predictions, status], api_name="generate")
-        # the story so far stays; the summary says it was stopped instead of "Generating…" forever
-        stop.click(lambda: "Stopped: the story above is as far as it got.", outputs=[status], cancels=[event],
-                   queue=False)
+    with gr.Blocks(title="Tiny Recursive Model", analytics_enabled=False) as demo:
+        with gr.Tab("Story", id="story"):
+            gr.Markdown("# Tiny Recursive Model: stories\nType the start of a story. Tokens are coloured by the "
+                        "number of supervision steps (recursion depth) the model spent on them.")
+            with gr.Row():
+                with gr.Column(scale=1):
+                    prompt = gr.Textbox(label="Prompt", lines=3, value=EXAMPLES[0], elem_id="prompt")
+                    with gr.Row():
+                        run = gr.Button("Generate", variant="primary", elem_id="generate-btn")
+                        stop = gr.Button("Stop", elem_id="stop-btn")
+                    temperature = gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="Temperature (0 = greedy)")
+                    top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p")
+                    max_new_tokens = gr.Slider(1, max_new_tokens_cap, value=min(128, max(1, max_new_tokens_cap // 2)),
+                                               step=1, label="Max new tokens", elem_id="max-new-tokens")
+                    # on by default (the config's value, else 0.9): with it off every token runs every step
+                    halt_threshold = gr.Slider(
+                        0.0, 1.0, value=(model.config.halt_threshold or 0.9) if trm else 0.0, step=0.01, visible=trm,
+                        elem_id="halt-threshold", label="Halt threshold (a token stops once P(halt) >= this; 0 = off)")
+                    supervision_steps = gr.Slider(1, max(max_steps, 2), value=trained_steps, step=1, visible=trm,
+                                                  label=f"Supervision steps (trained with {trained_steps}; up to "
+                                                        f"{max_steps} thinks longer than trained)")
+                    seed = gr.Number(value=-1 if default_seed is None else default_seed, precision=0,
+                                     label="Seed (-1 = random)")
+                    gr.Examples(EXAMPLES, inputs=[prompt])
+                with gr.Column(scale=2):
+                    story = gr.Textbox(label="Story", lines=10, interactive=False, elem_id="story")
+                    depth = gr.HighlightedText(label="Supervision steps per generated token", color_map=colour_map,
+                                               show_legend=True, show_inline_category=False, elem_id="depth",
+                                               visible=trm)
+                    status = gr.Markdown(label="Summary", elem_id="status")
+                    with gr.Accordion("Per-step predictions (top-3 after each supervision step)", open=False,
+                                      visible=trm, elem_id="predictions-accordion"):
+                        predictions = gr.Dataframe(label="Per-step predictions", interactive=False, wrap=True,
+                                                   elem_id="predictions")
+            event = run.click(generate, inputs=[prompt, temperature, top_p, max_new_tokens, halt_threshold,
+                                                supervision_steps, seed],
+                              outputs=[story, depth, predictions, status], api_name="generate")
+            # the story so far stays; the summary says it was stopped instead of "Generating…" forever
+            stop.click(lambda: "Stopped: the story above is as far as it got.", outputs=[status], cancels=[event],
+                       queue=False)
+        with gr.Tab("Puzzles", id="puzzles"):
+            puzzle_tab(puzzle_solver, puzzle_note, puzzle_step_delay)
     demo.decoder = decoder
     return demo
+
+
+def puzzle_tab(solver: SudokuSolver | None, note: str, step_delay: float) -> None:
+    """The Puzzles tab's layout and its Solve event (inside a gr.Tab of build_demo)."""
+    if solver is None:
+        gr.Markdown(note, elem_id="puzzle-note")
+        return
+    size, trained = solver.shape.size, solver.trained_steps
+    examples = example_puzzles(solver.shape)
+    gr.Markdown(f"# Sudoku, step by step\nA {size}x{size} Sudoku solver (`{solver.name}`) refines its whole grid at "
+                "every supervision step. Clues are **bold**, cells that changed since the previous step are amber, "
+                "a clue the model overwrote is red (the clue struck through); the small number is the model's "
+                "confidence (%), and faint digits are unsure ones. With halting on, it stops at the first step "
+                "whose q_halt > 0.")
+    with gr.Row():
+        with gr.Column(scale=1):
+            puzzle = gr.Textbox(label=f"Puzzle: {size * size} characters row by row, '.' or 0 = blank", lines=2,
+                                value=examples[0], elem_id="puzzle")
+            solve = gr.Button("Solve", variant="primary", elem_id="solve-btn")
+            max_steps = gr.Slider(1, solver.max_allowed_steps, value=trained, step=1, elem_id="puzzle-max-steps",
+                                  label=f"Max supervision steps (trained with {trained}; up to "
+                                        f"{solver.max_allowed_steps} thinks longer)")
+            halting = gr.Checkbox(value=False, label="Halt at the first step with q_halt > 0 (ACT)",
+                                  elem_id="puzzle-halting")
+            gr.Examples(examples, inputs=[puzzle], label="Example boards (generated, seed "
+                                                          f"{PUZZLE_EXAMPLE_SEED})")
+        with gr.Column(scale=2):
+            status = gr.Markdown(elem_id="puzzle-status")
+            boards = gr.HTML(elem_id="puzzle-steps")
+
+    def solve_sudoku(text, steps, halt):
+        yield from solve_updates(solver, text, steps, halt, step_delay)
+
+    solve.click(solve_sudoku, inputs=[puzzle, max_steps, halting], outputs=[boards, status], api_name="solve_sudoku")
+
+
+def example_puzzles(shape: SudokuShape, count: int = NUM_PUZZLE_EXAMPLES, seed: int = PUZZLE_EXAMPLE_SEED) -> list[str]:
+    """`count` minimal unique-solution boards from the project's generator, the same at every start."""
+    rng = np.random.default_rng(seed)
+    return [format_sudoku(generate_puzzle(shape, rng)[0]) for _ in range(count)]
+
+
+def solve_updates(solver: SudokuSolver, text: str, max_steps, halting: bool, step_delay: float = 0.0):
+    """The Solve event: yield (HTML of every step's grid so far, status) after each supervision step, then the
+    final summary. A bad puzzle or setting is a user error (gr.Error), not a server traceback."""
+    try:
+        puzzle = solver.parse(text)
+        steps = solver.steps(puzzle, max_steps, halting)
+    except ValueError as error:
+        raise user_error(one_line(error)) from error
+    done: list[SolveStep] = []
+    for step in steps:
+        if done and step_delay:
+            time.sleep(step_delay)
+        done.append(step)
+        yield boards_html(done, puzzle, solver.shape), f"Step {step.step}…"
+    result = SolveResult(puzzle, solver.shape, done, solver.check_max_steps(max_steps), bool(halting))
+    yield boards_html(done, puzzle, solver.shape), (
+        f"**Steps:** {result.steps_description()} · **valid Sudoku:** {'yes' if result.valid else 'no'} · "
+        f"**consistent with the clues:** {result.clue_report()}")
+
+
+def boards_html(steps: list[SolveStep], puzzle: np.ndarray, shape: SudokuShape) -> str:
+    return ('<div class="sudoku-steps" style="display:flex;flex-wrap:wrap;gap:14px">'
+            + "".join(board_html(step, puzzle, shape) for step in steps) + "</div>")
+
+
+def board_html(step: SolveStep, puzzle: np.ndarray, shape: SudokuShape) -> str:
+    """One step's grid as a table: clue cells bold, changed cells amber, overwritten clues red, other digits
+    shaded by confidence (faint = unsure) with the confidence in % in small print; thick lines around boxes."""
+    n, rows = shape.size, []
+    for r in range(n):
+        cells = []
+        for c in range(n):
+            digit, clue, confidence = int(step.grid[r, c]), int(puzzle[r, c]), float(step.confidence[r, c])
+            changed, clash = bool(step.changed[r, c]), bool(clue) and digit != clue
+            kinds = [kind for kind, on in (("clue", clue), ("changed", changed), ("clash", clash)) if on]
+            background = CLASH_COLOUR if clash else CHANGED_COLOUR if changed else "#fff"
+            box_edge = {"top": r % shape.box_rows == 0, "left": c % shape.box_cols == 0, "bottom": r == n - 1,
+                        "right": c == n - 1}
+            edges = "".join(f"border-{side}:{'2px solid #333' if thick else '1px solid #bbb'};"
+                            for side, thick in box_edge.items())
+            text = str(digit) if digit else "·"
+            if clash:  # the model's digit, and the clue it replaced struck through
+                body = f'<b>{text}</b><sub style="font-size:9px"><s>{clue}</s></sub>'
+            elif clue:
+                body = f'<b>{text}</b>'
+            else:
+                body = (f'<span style="opacity:{0.35 + 0.65 * confidence:.2f}">{text}</span>'
+                        f'<sub style="font-size:9px;color:#666">{round(100 * confidence)}</sub>')
+            cells.append(f'<td class="{" ".join(["cell", *kinds])}" title="confidence {confidence:.3f}" '
+                         f'style="width:30px;height:30px;text-align:center;color:#111;background:{background};{edges}">'
+                         f'{body}</td>')
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    halts = " · halts" if step.halts else ""
+    return (f'<figure class="sudoku-step" data-step="{step.step}" style="margin:0">'
+            f'<figcaption style="font-size:13px">Step {step.step} · q_halt {step.q_halt:+.2f} · '
+            f'{int(step.changed.sum())} changed{halts}</figcaption>'
+            f'<table style="border-collapse:collapse;font-size:16px">{"".join(rows)}</table></figure>')
 
 
 def chip_text(token: str) -> str:
@@ -188,6 +307,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "depend on it)")
     parser.add_argument("--max_new_tokens_cap", type=int, default=MAX_NEW_TOKENS_CAP)
     parser.add_argument("--seed", type=int, default=None, help="the seed box's initial value (default: random)")
+    parser.add_argument("--puzzle_model", default=None,
+                        help="Sudoku grid-model folder for the Puzzles tab (default: checkpoints/trm-sudoku6 "
+                             "when it exists)")
     return parser.parse_args(argv)
 
 
@@ -199,15 +321,23 @@ def main(argv=None) -> int:
         if args.concurrency < 1 or args.max_new_tokens_cap < 1:
             raise ValueError("--concurrency and --max_new_tokens_cap must be >= 1")
         model, tokenizer = load_model_and_tokenizer(args.model or default_model_path(REPO_ROOT), device=args.device)
+        # a solver asked for must load; the shipped default may be absent, then the Puzzles tab says so
+        puzzle_solver = load_solver(args.puzzle_model, device=args.device) if args.puzzle_model else None
     except (ValueError, OSError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
+    puzzle_note = NO_SOLVER_NOTE
+    if puzzle_solver is None:
+        try:
+            puzzle_solver = load_solver(default_solver_path(REPO_ROOT, flag="--puzzle_model"), device=args.device)
+        except (ValueError, OSError) as error:
+            puzzle_note = f"No Sudoku solver: {one_line(error)}."
     demo = build_demo(model, tokenizer, max_new_tokens_cap=args.max_new_tokens_cap, default_seed=args.seed,
-                      max_batch_size=args.concurrency)
+                      max_batch_size=args.concurrency, puzzle_solver=puzzle_solver, puzzle_note=puzzle_note)
     # quiet: gradio's banner suggests a public share link, which this local app never makes; say where it is instead
     serve(demo, args.concurrency).launch(server_name=args.host, server_port=args.port, share=False, show_error=True,
                                          quiet=True, prevent_thread_lock=True)
-    print(f"Serving the story app on http://{args.host}:{demo.server_port}/ (Ctrl-C stops it)", flush=True)
+    print(f"Serving the story and puzzle app on http://{args.host}:{demo.server_port}/ (Ctrl-C stops it)", flush=True)
     try:
         demo.block_thread()
     finally:

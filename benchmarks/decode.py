@@ -4,8 +4,8 @@ batch 1 and in a batch, and the KV cache's memory per token.
     python benchmarks/decode.py                       # shipped model if present, else a random tiny-stories-size model
     python benchmarks/decode.py --model DIR --new_tokens 128 512 --halt_thresholds 0.5 0.9
 
-Writes benchmarks/results/decode.json and decode.md. Greedy decoding with min_new_tokens = max_new_tokens,
-so every row decodes exactly the same number of tokens. 'net applications / token' counts the network
+Writes outputs/benchmarks/decode.{json,md}; with --update-results benchmarks/results/ (committed).
+Greedy decoding with min_new_tokens = max_new_tokens, so every row decodes exactly the same number of tokens. 'net applications / token' counts the network
 applications of every position of the decoded sequence (prompt included), from `steps_used`.
 In a batch, ACT rows that have halted leave the computation; 'same tokens as batch 1' checks every row
 against the same prompt decoded alone with the same setting.
@@ -22,6 +22,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from results_path import add_results_flags, results_path  # noqa: E402
 
 from trm_lm import TRMConfig, TRMForCausalLM  # noqa: E402
 
@@ -52,10 +55,12 @@ def main(argv=None):
     parser.add_argument("--model", default=None, help="model dir (default: the shipped model, else random init)")
     parser.add_argument("--new_tokens", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--halt_thresholds", type=float, nargs="*", default=[0.5, 0.9])
+    parser.add_argument("--halt_criterion", choices=["head", "entropy", "kl"], default="head",
+                        help="rule of the ACT rows: the trained halt head (P(halt)), or entropy / KL in nats")
     parser.add_argument("--batch_size", type=int, default=8, help="rows of the batched ACT rows (0: skip)")
     parser.add_argument("--uncached_max", type=int, default=512, help="skip uncached runs longer than this")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "decode"))
+    add_results_flags(parser, "decode")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,8 +88,9 @@ def main(argv=None):
     act_rows = []
     n = min(args.new_tokens)
     for threshold in [None, *args.halt_thresholds]:
-        seconds, out = timed_generate(model, prompt, n, use_cache=True, halt_threshold=threshold)
-        steps = model(out, use_cache=False, halt_threshold=threshold).steps_used.float()
+        act = dict(halt_threshold=threshold, halt_criterion=args.halt_criterion)
+        seconds, out = timed_generate(model, prompt, n, use_cache=True, **act)
+        steps = model(out, use_cache=False, **act).steps_used.float()
         act_rows.append({"halt_threshold": threshold, "new_tokens": n, "tokens_per_s": n / seconds,
                          "mean_supervision_steps": steps.mean().item(),
                          "net_applications_per_token": steps.mean().item() * per_step,
@@ -95,9 +101,10 @@ def main(argv=None):
         prompts = torch.randint(2, cfg.vocab_size, (args.batch_size, 8), generator=torch.Generator().manual_seed(1))
         mask = torch.ones_like(prompts)
         for threshold in [None, *args.halt_thresholds]:
-            seconds, out = timed_generate(model, prompts, n, attention_mask=mask, halt_threshold=threshold)
-            alone = torch.cat([timed_generate(model, p[None], n, halt_threshold=threshold)[1] for p in prompts])
-            steps = model(out, use_cache=False, halt_threshold=threshold).steps_used.float()
+            act = dict(halt_threshold=threshold, halt_criterion=args.halt_criterion)
+            seconds, out = timed_generate(model, prompts, n, attention_mask=mask, **act)
+            alone = torch.cat([timed_generate(model, p[None], n, **act)[1] for p in prompts])
+            steps = model(out, use_cache=False, **act).steps_used.float()
             batch_rows.append({"halt_threshold": threshold, "batch_size": args.batch_size, "new_tokens": n,
                                "tokens_per_s": args.batch_size * n / seconds,
                                "net_applications_per_token": steps.mean().item() * per_step,
@@ -113,9 +120,8 @@ def main(argv=None):
               "machine": platform.processor() or platform.machine(),
               "config": {k: getattr(cfg, k) for k in ("hidden_size", "net_layers", "latent_steps", "cycles",
                                                        "supervision_steps", "num_hidden_layers")},
-              "kv_cache_bytes_per_token": kv_bytes, "cache": rows, "act": act_rows, "batch_act": batch_rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+              "kv_cache_bytes_per_token": kv_bytes, "halt_criterion": args.halt_criterion, "cache": rows, "act": act_rows, "batch_act": batch_rows}
+    out = results_path(args, "decode")
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = [f"# Decode benchmark ({source}; CPU, {result['threads']} threads, torch {torch.__version__})", "",
              "| new tokens | cached tok/s | uncached tok/s | speed-up | identical tokens | static cache tok/s "
@@ -124,7 +130,8 @@ def main(argv=None):
         lines.append(f"| {r['new_tokens']} | {r['cached_tokens_per_s']:.1f} | "
                      f"{r.get('uncached_tokens_per_s', float('nan')):.1f} | {r.get('speedup', float('nan')):.1f}x | "
                      f"{r.get('identical', '-')} | {r['static_tokens_per_s']:.1f} | {r['static_identical']} |")
-    lines += ["", "| halt threshold | tok/s (cached) | mean supervision steps | net applications / token (max) |",
+    lines += ["", f"ACT rule: {args.halt_criterion}", "",
+              "| halt threshold | tok/s (cached) | mean supervision steps | net applications / token (max) |",
               "|---|---|---|---|"]
     for r in act_rows:
         lines.append(f"| {r['halt_threshold'] if r['halt_threshold'] is not None else 'off'} | {r['tokens_per_s']:.1f} "

@@ -4,8 +4,8 @@
 
 1. Test-time depth: bits/byte of the same validation stories with supervision steps 1 ... 2 x N_sup (more
    steps than trained reuse the shared network; the cache gets the extra slots, scoring here is uncached).
-2. The ACT curve at the trained depth: the halt head's threshold vs bits/byte vs network applications per
-   token (off = every step).
+2. The ACT curve at the trained depth: threshold vs bits/byte vs network applications per token (off = every
+   step) for the trained halt head and the two training-free rules (next-token entropy, KL between steps).
 Writes outputs/benchmarks/depth.{json,md}; with --update-results benchmarks/results/depth.{json,md}.
 """
 
@@ -30,7 +30,11 @@ import trm_lm  # noqa: E402,F401  (registers the TRM classes)
 from trm_lm.data import read_documents  # noqa: E402
 from trm_lm.evaluate import bits_per_byte  # noqa: E402
 
-HEAD_THRESHOLDS = [0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.3]
+ACT_SWEEP = {  # halt_criterion -> thresholds (the head: P(halt); entropy and KL: nats)
+    "head": [0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.3],
+    "entropy": [0.5, 1.0, 1.5, 2.0, 3.0],
+    "kl": [0.01, 0.05, 0.1, 0.3],
+}
 
 
 def score(model, tokenizer, documents, **forward_kwargs) -> dict:
@@ -48,18 +52,22 @@ def markdown(results: dict) -> str:
              f"`{results['command']}` — {results['machine']}; {results['seconds']:.0f} s.", "",
              f"Trained with N_sup = {trained}. Bits/byte when every token runs k supervision steps:", "",
              "| supervision steps | bits/byte | vs trained | network applications / token |", "|---|---|---|---|"]
-    reference = next(r["bits_per_byte"] for r in results["depth"] if r["supervision_steps"] == trained)
+    reference = results["act"][0]["bits_per_byte"]  # ACT off = every token runs the trained steps
     for row in results["depth"]:
         mark = " (trained)" if row["supervision_steps"] == trained else ""
         lines.append(f"| {row['supervision_steps']}{mark} | {row['bits_per_byte']:.4f} | "
                      f"{row['bits_per_byte'] - reference:+.4f} | {row['net_applications_per_token']:.1f} |")
-    lines += ["", "Per-token ACT with the trained halt head at the trained depth:", "",
-              "| halt threshold | bits/byte | vs off | mean steps / token | network applications saved |",
-              "|---|---|---|---|---|"]
+    lines += ["", "Per-token ACT at the trained depth: the trained halt head (threshold on P(halt)) and two "
+              "training-free rules (halt once the next-token entropy, or the KL from the previous step, is at most "
+              "the threshold in nats):", "",
+              "| rule | threshold | bits/byte | vs off | mean steps / token | network applications saved |",
+              "|---|---|---|---|---|---|"]
     off = results["act"][0]
     for row in results["act"]:
         saved = 1 - row["net_applications_per_token"] / off["net_applications_per_token"]
-        lines.append(f"| {row['threshold'] if row['threshold'] is not None else 'off'} | {row['bits_per_byte']:.4f} | "
+        rule = {"head": "halt head", "entropy": "entropy", "kl": "KL"}[row.get("criterion", "head")]
+        lines.append(f"| {rule if row['threshold'] is not None else 'off'} | "
+                     f"{row['threshold'] if row['threshold'] is not None else '-'} | {row['bits_per_byte']:.4f} | "
                      f"{100 * (row['bits_per_byte'] / off['bits_per_byte'] - 1):+.2f}% | "
                      f"{row['mean_supervision_steps']:.2f} | {100 * saved:.1f}% |")
     return "\n".join(lines) + "\n"
@@ -87,17 +95,19 @@ def main(argv=None):
                "command": " ".join(["python", "benchmarks/depth.py", *(argv if argv is not None else sys.argv[1:])]),
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
                "depth": [], "act": []}
-    with tqdm(total=len(depths) + 1 + len(HEAD_THRESHOLDS), desc="scoring", unit="setting") as progress:
+    act_settings = [("head", None)] + [(rule, t) for rule, thresholds in ACT_SWEEP.items() for t in thresholds]
+    with tqdm(total=len(depths) + len(act_settings), desc="scoring", unit="setting") as progress:
         for steps in depths:
             row = {"supervision_steps": steps, **score(model, tokenizer, documents, supervision_steps=steps,
                                                         halt_threshold=None)}
             results["depth"].append(row)
             progress.set_postfix(steps=steps, bpb=f"{row['bits_per_byte']:.4f}")
             progress.update()
-        for threshold in [None] + HEAD_THRESHOLDS:
-            row = {"threshold": threshold, **score(model, tokenizer, documents, halt_threshold=threshold)}
+        for criterion, threshold in act_settings:
+            row = {"criterion": criterion, "threshold": threshold,
+                   **score(model, tokenizer, documents, halt_threshold=threshold, halt_criterion=criterion)}
             results["act"].append(row)
-            progress.set_postfix(threshold=threshold, bpb=f"{row['bits_per_byte']:.4f}")
+            progress.set_postfix(rule=criterion, threshold=threshold, bpb=f"{row['bits_per_byte']:.4f}")
             progress.update()
     results["seconds"] = time.time() - start
 

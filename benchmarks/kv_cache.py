@@ -8,7 +8,7 @@ seen at the last step it computed. That changes what a cached decode computes, s
 way decoding sees the text: each story is scored token by token through the cache (teacher forcing, same
 protocol and bytes as `python -m trm_lm.evaluate`). The exact row must equal the full-forward score.
 Also: KV memory per token of context, measured from the cache after a greedy decode, and tokens/s.
-Writes benchmarks/results/kv_cache.json and kv_cache.md.
+Writes outputs/benchmarks/kv_cache.{json,md}; with --update-results benchmarks/results/ (committed).
 """
 
 import argparse
@@ -23,6 +23,9 @@ from transformers import AutoTokenizer, DynamicCache
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from results_path import add_results_flags, results_path  # noqa: E402
 
 from trm_lm import TRMForCausalLM  # noqa: E402
 from trm_lm.data import read_documents  # noqa: E402
@@ -65,7 +68,7 @@ def main(argv=None):
     parser.add_argument("--new_tokens", type=int, default=512, help="greedy decode for memory and tokens/s")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "kv_cache"))
+    add_results_flags(parser, "kv_cache")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,8 +106,7 @@ def main(argv=None):
     result = {"model": str(Path(args.model).relative_to(REPO) if Path(args.model).resolve().is_relative_to(REPO)
                            else args.model), "documents": len(documents), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "supervision_steps": cfg.supervision_steps, "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = results_path(args, "kv_cache")
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = [f"# KV cache: exact vs shared step slots ({result['model']}; first {len(documents)} stories of "
              f"{Path(args.validation_file).name} scored token by token through the cache; CPU, "

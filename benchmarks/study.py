@@ -12,7 +12,8 @@ For every arm that has a trained model: bits/byte on all 1,000 validation storie
 generation path, context 512), parameters, training tokens/s (from its log.jsonl), decode tokens/s
 with the KV cache. For the TRM arm: the ACT trade-off (halting threshold vs bits/byte vs network
 applications per token) for the trained halt head and two training-free rules (entropy, KL between
-steps). Writes benchmarks/results/study.{json,md} and docs/*.png.
+steps). Writes benchmarks/results/study.{json,md} and docs/*.png. TRM_LM_SMOKE=1 in the environment makes
+it a smoke run (2 documents, 8 decoded tokens, one threshold per ACT rule) that only checks the script works.
 """
 
 import argparse
@@ -31,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 import trm_lm  # noqa: E402,F401  (registers the TRM classes)
 from trm_lm.data import read_documents  # noqa: E402
 from trm_lm.evaluate import bits_per_byte  # noqa: E402
+from trm_lm.training import apply_smoke_limits, smoke_run  # noqa: E402
 
 ARMS = {  # arm -> label; its run lives in outputs/study/<arm>, except the TRM arm (the shipped model's run)
     "trm": "(a) TRM, n=2 T=2 N_sup=2",
@@ -77,11 +79,11 @@ def decode_tokens_per_s(model, tokenizer, new_tokens: int = 128) -> float:
     return new_tokens / (time.perf_counter() - start)
 
 
-def act_curve(model, tokenizer, documents) -> list[dict]:
+def act_curve(model, tokenizer, documents, sweep: dict[str, list[float]] = ACT_SWEEP) -> list[dict]:
     cfg = model.config
     per_step = cfg.cycles * (cfg.latent_steps + 1)
     points = []
-    for criterion, thresholds in ACT_SWEEP.items():
+    for criterion, thresholds in sweep.items():
         for threshold in [None] + thresholds if criterion == "head" else thresholds:
             counter = StepCounter(model)
             scores = bits_per_byte(counter, tokenizer, documents, batch_size=8,
@@ -140,10 +142,16 @@ def main(argv=None):
     parser.add_argument("--validation_file", default=str(REPO.parent / "shared" / "data" / "tinystories" /
                                                          "valid.jsonl"))
     parser.add_argument("--act_documents", type=int, default=200)
+    parser.add_argument("--max_documents", type=int, default=None, help="score the first N documents (default: all)")
+    parser.add_argument("--decode_tokens", type=int, default=128, help="tokens decoded to time the KV-cache decoding")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "study"))
     parser.add_argument("--plots", default=str(REPO / "docs"))
     args = parser.parse_args(argv)
-    documents = read_documents(args.validation_file)
+    act_sweep = ACT_SWEEP
+    if smoke_run():
+        apply_smoke_limits((args,), {"max_documents": 2, "act_documents": 2, "decode_tokens": 8})
+        act_sweep = {criterion: thresholds[:1] for criterion, thresholds in ACT_SWEEP.items()}
+    documents = read_documents(args.validation_file)[: args.max_documents]
     results = {"validation_file": Path(args.validation_file).name, "documents": len(documents),
                "threads": torch.get_num_threads(), "arms": [], "act_documents": args.act_documents}
     for arm in args.arms:
@@ -162,11 +170,11 @@ def main(argv=None):
                "tokens": scores["tokens"], "bytes": scores["bytes"], "eval_seconds": time.perf_counter() - start,
                "train_tokens_per_s": sum(train_tps) / len(train_tps) if train_tps else None,
                "train_wall_s": log[-1].get("elapsed_s") if log else None,
-               "decode_tokens_per_s": decode_tokens_per_s(model, tokenizer), "log": log}
+               "decode_tokens_per_s": decode_tokens_per_s(model, tokenizer, args.decode_tokens), "log": log}
         print(f"{arm}: bpb={row['bits_per_byte']:.4f} params={row['parameters']:,}", flush=True)
         results["arms"].append(row)
         if arm == "trm":
-            results["act"] = act_curve(model, tokenizer, documents[:args.act_documents])
+            results["act"] = act_curve(model, tokenizer, documents[:args.act_documents], act_sweep)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))

@@ -12,8 +12,8 @@ batches and evaluating are not counted), 1 thread each:
     direct  the same 2-block network applied once (no recursion, no deep supervision)
     deep    an 8-block network applied once (4x the parameters of the other two)
 
-    python benchmarks/sudoku6_proof.py                     # 600 s per arm, seeds 0 1 -> benchmarks/results/
-    python benchmarks/sudoku6_proof.py --seconds 30 --output /tmp/proof   # quick check of the script
+    python benchmarks/sudoku6_proof.py --update-results    # 600 s per arm, seeds 0 1 -> benchmarks/results/
+    python benchmarks/sudoku6_proof.py --seconds 30 --out /tmp/proof      # quick check of the script
 
 Arms run as separate processes, --parallel at a time (default: one per core, at most 3; the reference
 pilot ran 3 at once on 2 cores, which gives each arm fewer steps), so run this on an otherwise idle
@@ -36,6 +36,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from results_path import add_results_flags, results_path  # noqa: E402
 
 ARMS = {
     "trm": dict(recursion="trm", net_layers=2, supervision_steps=4, eval_steps=16),
@@ -64,8 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval_examples", type=int, default=300)
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--max_grad_norm", type=float, default=0.0, help="clip gradients to this norm (0 = off)")
-    p.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "sudoku6_proof",
-                   help="writes OUTPUT.json and OUTPUT.md")
+    add_results_flags(p, "sudoku6_proof")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one arm, one seed -> --result
     p.add_argument("--arm", choices=list(ARMS), help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
@@ -218,9 +220,9 @@ def main(argv=None) -> dict | None:
                             if k not in ("worker", "arm", "seed", "result")},
                "machine": {"processor": platform.processor() or platform.machine(), "cores": os.cpu_count()},
                "total_seconds": round(time.time() - started, 1), "runs": runs}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.with_suffix(".json").write_text(json.dumps(summary, indent=2))
-    args.output.with_suffix(".md").write_text(markdown(runs, args))
+    output = results_path(args, "sudoku6_proof")
+    output.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    output.with_suffix(".md").write_text(markdown(runs, args))
     print(markdown(runs, args))
     return summary
 

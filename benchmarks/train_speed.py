@@ -5,7 +5,8 @@
 Times forward + backward + AdamW step on random tokens for the TRM of the config and the two Llama
 baselines of trm_lm.baselines (same parameters; same FLOPs per token). The TRM's first T-1 cycles run
 without gradient, so it needs no backward through them: the question is whether that makes it at least
-as fast as the equal-depth transformer. Writes benchmarks/results/train_speed.{json,md}.
+as fast as the equal-depth transformer. Writes outputs/benchmarks/train_speed.{json,md};
+with --update-results benchmarks/results/ (committed).
 """
 
 import argparse
@@ -18,6 +19,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from results_path import add_results_flags, results_path  # noqa: E402
 
 from transformers import LlamaForCausalLM  # noqa: E402
 
@@ -49,7 +53,7 @@ def main(argv=None):
     parser.add_argument("--block", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_speed"))
+    add_results_flags(parser, "train_speed")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -68,8 +72,7 @@ def main(argv=None):
         row["trm_speed_ratio"] = trm_tps / row["tokens_per_s"]
     result = {"config": args.config, "batch": args.batch, "block": args.block, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = results_path(args, "train_speed")
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = [f"# Training throughput (CPU, {result['threads']} threads, batch {args.batch} x {args.block} tokens, "
              f"fwd+bwd+AdamW)", "", "| model | parameters | tokens/s | TRM speed / this |", "|---|---|---|---|"]

@@ -100,6 +100,16 @@ def load_arc_subset(data_dir: str | os.PathLike, subset: str, limit: int | None 
     return [load_arc_task(f) for f in files[:limit]]
 
 
+def load_concept_arc(concept_dir: str | os.PathLike, limit: int | None = None) -> list[ARCTask]:
+    """ConceptARC (Moskvichev et al. 2023) in its public layout: ARC-format task files grouped in concept
+    subfolders (`corpus/<Concept>/<Concept><k>.json`, 16 concepts x 10 tasks). Every *.json below
+    `concept_dir`, sorted by path; the task id is the file name, as in the ConceptARC repository."""
+    files = sorted(Path(concept_dir).rglob("*.json"))
+    if not files:
+        raise FileNotFoundError(f"no ConceptARC task files (*.json) under {concept_dir}; pass its corpus/ folder")
+    return [load_arc_task(f) for f in files[:limit]]
+
+
 # ---- augmentation --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -220,9 +230,12 @@ def decode_grid(tokens: np.ndarray) -> Grid:
 def build_arc(output_dir: str | os.PathLike, *, data_dir: str | os.PathLike,
               subsets: Sequence[str] = ("training", "evaluation"),
               test_subset: str = "evaluation", num_aug: int = 1000, seed: int = 42, translate: bool = True,
-              limit: int | None = None, task_name: str = "arc", overwrite: bool = False) -> dict:
+              limit: int | None = None, task_name: str = "arc", concept_dir: str | os.PathLike | None = None,
+              overwrite: bool = False) -> dict:
     """Official split rule: tasks of `test_subset` put their demonstration pairs in the train split and their test
-    pairs in the test split; every other subset puts all its pairs in the train split. Each task becomes one group
+    pairs in the test split; every other subset puts all its pairs in the train split. `concept_dir` (a local
+    ConceptARC corpus) adds its tasks as one more training-only subset after the others, as the official ARC-1 and
+    ARC-2 builds do with their bundled copy (`--subsets ... concept`). Each task becomes one group
     of 1 + up to `num_aug` distinct versions; each version is one puzzle with its own identifier, shared by its
     train-split and test-split examples. Train examples get a random translation (one per version stays at the
     origin) when `translate`; test examples never. `limit` keeps the first N tasks of each subset (smoke tests).
@@ -235,8 +248,12 @@ def build_arc(output_dir: str | os.PathLike, *, data_dir: str | os.PathLike,
     test_puzzles: dict[str, Any] = {}
     seen_tasks: dict[str, str] = {}
     stats = {"tasks": 0, "versions": 0}
-    for subset in subsets:
-        for task in load_arc_subset(data_dir, subset, limit):
+    sources = [(subset, load_arc_subset(data_dir, subset, limit)) for subset in subsets]
+    if concept_dir is not None:
+        sources.append(("concept", load_concept_arc(concept_dir, limit)))
+        stats["concept_tasks"] = len(sources[-1][1])
+    for subset, tasks in sources:
+        for task in tasks:
             if task.task_id in seen_tasks:
                 raise ValueError(f"task {task.task_id} is in both {seen_tasks[task.task_id]} and {subset}")
             seen_tasks[task.task_id] = subset

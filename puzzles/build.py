@@ -3,7 +3,7 @@
     python -m puzzles.build --task sudoku-extreme --output_dir data/sudoku-extreme [--num_aug 1000] [--limit 1000]
     python -m puzzles.build --task sudoku-gen --size 6 --num_train 4000 --num_test 1000 --output_dir data/sudoku-6x6
     python -m puzzles.build --task maze --output_dir data/maze-hard [--aug]
-    python -m puzzles.build --task arc1 --output_dir data/arc1 [--num_aug 1000]
+    python -m puzzles.build --task arc1 --output_dir data/arc1 [--num_aug 1000] [--concept_dir ConceptARC/corpus]
     python -m puzzles.build --task arc2 --output_dir data/arc2
 
 Sources default to the offline copies in ../shared/data next to this checkout; every one can be overridden.
@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("arc1 / arc2")
     g.add_argument("--arc_dir", type=Path, default=None, help="folder holding training/ and evaluation/ task JSONs")
     g.add_argument("--no_translate", action="store_true", help="do not translate training examples in the canvas")
+    g.add_argument("--concept_dir", type=Path, default=None,
+                   help="local ConceptARC corpus (folder of task JSONs in concept subfolders): add its tasks to the "
+                        "train split, as the official builds do (not in ../shared/data; see docs/puzzles.md)")
     return p.parse_args(argv)
 
 
@@ -87,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         data_dir = args.arc_dir or arc.ARC_DATA_DIRS[args.task]
         stats = arc.build_arc(args.output_dir, data_dir=data_dir, num_aug=num_aug, seed=seed,
-                              translate=not args.no_translate, limit=args.limit, task_name=args.task, **common)
+                              translate=not args.no_translate, limit=args.limit, task_name=args.task,
+                              concept_dir=args.concept_dir, **common)
     stats["seconds"] = round(time.time() - start, 2)
     print(json.dumps({"task": args.task, "output_dir": str(args.output_dir), **stats}, indent=2, default=str))
     return stats

@@ -35,6 +35,8 @@ ARRAY_NAMES = ("inputs", "labels", "puzzle_identifiers", "puzzle_indices", "grou
 SPLITS = ("train", "test")
 BLANK_IDENTIFIER = "<blank>"
 IGNORE_INDEX = -100  # what torch's cross-entropy ignores; on-disk ignore_label_id is mapped to it
+# Folders written by the official builders carry no `task`; (vocab_size, seq_len) says which builder wrote them.
+OFFICIAL_TASKS = {(11, 81): "sudoku-extreme", (6, 900): "maze", (12, 900): "arc"}
 
 
 @dataclass
@@ -67,7 +69,7 @@ class PuzzleMetadata:
             raise ValueError(f"{where}: missing field(s) {missing}; is this a puzzle dataset (python -m puzzles.build)?")
         obj = dict(obj)
         # folders written by the official builders lack `task` and `grid_shape`: all their grids are square
-        obj.setdefault("task", "unknown")
+        obj.setdefault("task", OFFICIAL_TASKS.get((obj["vocab_size"], obj["seq_len"]), "unknown"))
         side = math.isqrt(int(obj["seq_len"]))
         obj.setdefault("grid_shape", (side, side) if side * side == obj["seq_len"] else (1, obj["seq_len"]))
         known = {f.name for f in fields(cls)}
@@ -246,6 +248,12 @@ def load_split(dataset_dir: str | os.PathLike, split: str, mmap: bool = False) -
     metadata = PuzzleMetadata.from_json(json.loads(meta_path.read_text()), where=str(meta_path))
     arrays = {name: np.load(path, mmap_mode="r" if mmap and name in ("inputs", "labels") else None)
               for name, path in paths.items()}
+    # The official Sudoku and Maze builders write total_puzzles = total_groups, also when each group holds
+    # several augmented puzzles (their loader only uses it to weight mean_puzzle_examples across folders):
+    # the arrays are right, so count the puzzles from them. Any other disagreement is still an error.
+    num_puzzles = arrays["puzzle_identifiers"].shape[0]
+    if metadata.total_puzzles == metadata.total_groups != num_puzzles:
+        metadata.total_puzzles = num_puzzles
     return PuzzleSplit(metadata=metadata, **arrays).validate(str(split_dir))
 
 

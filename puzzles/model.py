@@ -156,7 +156,7 @@ class TRMPuzzleOutput(ModelOutput):
     """One supervision step. loss/lm_loss/halt_loss only when the batch has labels.
 
     logits: (B, L, V) cell logits; q_halt_logits: (B,) halting logit (> 0 = "halt");
-    is_correct: (B,) whole grid right (argmax); carry: what the next call continues from
+    is_correct: (B,) every labelled cell right (argmax; True for a row without labels); carry: what the next call continues from
     (carry.data holds the example each slot worked on in this step, carry.steps its step count).
     """
 
@@ -296,8 +296,8 @@ class TRMPuzzleModel(TRMPreTrainedModel):
             counts = labelled.sum(-1)  # (B,)
             cell_loss = token_cross_entropy(logits, labels, cfg.loss_type)  # (B, L) float64
             lm_loss = (cell_loss.sum(-1) / counts.clamp(min=1)).mean().float()
-            with torch.no_grad():
-                is_correct = ((logits.argmax(-1) == labels) | ~labelled).all(-1) & (counts > 0)
+            with torch.no_grad():  # as official: every labelled cell right, so a row with none (padding) is "right"
+                is_correct = ((logits.argmax(-1) == labels) | ~labelled).all(-1)
             halt_loss = F.binary_cross_entropy_with_logits(q_halt, is_correct.float())
             loss = lm_loss + cfg.halt_loss_weight * halt_loss
 

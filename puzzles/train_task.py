@@ -10,11 +10,13 @@ see puzzles/model.py). So one puzzle is supervised over up to N_sup consecutive 
 gradient never crosses a step boundary, and the carry is checkpointed with the rest of the training
 state (`state_dict`), which keeps resumed runs exact. A short last batch is padded with unlabelled rows.
 
-Optimizer: the loop's AdamW. The puzzle-identifier embedding gets its own parameter group
-(`--puzzle_emb_lr`, `--puzzle_emb_weight_decay`) instead of the official separate SignSGD optimizer
-(the loop owns one optimizer; AdamW normalises each coordinate much as sign(g) does). Unlike SignSGD,
-AdamW's decoupled decay touches every row at every step, not only the rows in the batch: with many
-identifiers (ARC) use a much smaller puzzle_emb_weight_decay (train/configs/puzzle-arc*.yaml use 0).
+Optimizer: the loop's AdamW, decaying every weight (the halting-head bias too), as the official code.
+The puzzle-identifier embedding gets its own parameter group (`--puzzle_emb_lr`,
+`--puzzle_emb_weight_decay`) instead of the official separate SignSGD optimizer (the loop owns one
+optimizer; AdamW normalises each coordinate much as sign(g) does). Unlike SignSGD, AdamW's decoupled
+decay touches every row at every step, not only the rows in the batch: with many identifiers (ARC) use
+a much smaller puzzle_emb_weight_decay (train/configs/puzzle-arc*.yaml use 0). The EMA leaves the table
+out, as the official one. Every difference to the official code and why: docs/puzzles.md.
 
 Data order: examples are drawn uniformly (the official loader draws one version per original puzzle
 group); `--num_aug N` adds N on-the-fly Sudoku versions per puzzle (the builder's augmentation, computed
@@ -35,7 +37,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from torch.utils.data import Dataset
 
-from trm_lm.training import TrainingTask, parameter_groups
+from trm_lm.training import TrainingTask
 
 from . import sudoku
 from .evaluate import (PuzzleScorer, arc_voter, check_task, flat_metrics, model_predictor, score_predictor)
@@ -140,15 +142,21 @@ class PuzzleTask(TrainingTask):
         return TRMPuzzleModel(self.model_config())
 
     def parameter_groups(self, model, weight_decay: float) -> list[dict]:
-        """The loop's groups without the puzzle embedding, plus a group for it with its own lr / decay."""
+        """Every weight decayed, the halting-head bias too (as the official optimizer, unlike the loop's
+        matrices-only default), plus a group for the puzzle embedding with its own lr / decay."""
         table = model.puzzle_emb.weight
-        groups = [{**g, "params": [p for p in g["params"] if p is not table]}
-                  for g in parameter_groups(model, weight_decay)]
+        weights = [p for p in model.parameters() if p.requires_grad and p is not table]
         decay = self.data_args.puzzle_emb_weight_decay
         puzzle_group = {"params": [table], "weight_decay": weight_decay if decay is None else decay}
         if self.data_args.puzzle_emb_lr is not None:
             puzzle_group["lr"] = self.data_args.puzzle_emb_lr
-        return [g for g in groups if g["params"]] + [puzzle_group]
+        return [{"params": weights, "weight_decay": weight_decay}, puzzle_group]
+
+    def ema_skipped_parameters(self, model) -> list[str]:
+        """The official EMA averages parameters only, and its puzzle-embedding table is a buffer: the evaluated
+        and saved EMA model uses the table's current rows. An ARC row is trained only when its augmented task
+        is drawn, and a 0.999 average would trail each of those rare updates by ~1,000 steps."""
+        return ["puzzle_emb.weight"]
 
     # ----- one optimizer step's loss ---------------------------------------------------------------------------
     def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

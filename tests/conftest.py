@@ -16,6 +16,7 @@ for key, value in {
 }.items():
     os.environ.setdefault(key, value)
 os.environ["HF_HOME"] = _HF_HOME  # never touch the user's real cache
+os.environ.pop("TRM_LM_SMOKE", None)  # a developer's exported smoke switch must not shrink in-process tests
 
 import pytest  # noqa: E402
 

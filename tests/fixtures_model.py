@@ -8,11 +8,15 @@ and ask for `tiny_model_dir` (a Path: config.json, model.safetensors, the remote
 tokenizer.json, tokenizer_config.json). Built once per session in a temp dir, in about a second.
 The weights are random (seeded), so generations are gibberish but deterministic for a given seed.
 
+`tiny_solver_dir` / `build_tiny_solver`: the same for a random 6x6 Sudoku grid model (puzzles/), for the
+solve CLI, app and browser tests.
+
 Also here: `load_script` (import generate/generate.py or app.py as a module) and `running_app`
 (the Gradio app on a free loopback port), shared by the CLI, app and browser tests.
 """
 
 import importlib.util
+import json
 import socket
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from puzzles.model import PuzzleTRMConfig, TRMPuzzleModel
+from puzzles.sudoku import SudokuShape
 from trm_lm import TRMConfig, TRMForCausalLM
 from trm_lm.data import train_bpe_tokenizer
 
@@ -62,6 +68,36 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-trm"))
+
+
+SOLVER_SHAPE = SudokuShape.from_size(6)
+SOLVER_TRAINED_STEPS = 3
+
+
+def build_tiny_solver(path: Path, seed: int = 0, halt_bias: float | None = None, task: str | None = "sudoku",
+                      **config) -> Path:
+    """A random tiny 6x6 Sudoku TRMPuzzleModel saved to `path`; `halt_bias` sets q_halt for every step (the
+    halting head's weight is zeroed), `task` goes into puzzle_task.json (None: no such file)."""
+    config = PuzzleTRMConfig(**{"vocab_size": SOLVER_SHAPE.vocab_size, "num_cells": SOLVER_SHAPE.num_cells,
+                                "hidden_size": 16, "num_attention_heads": 2, "net_layers": 1, "latent_steps": 1,
+                                "cycles": 2, "supervision_steps": SOLVER_TRAINED_STEPS, "puzzle_emb_len": 2,
+                                "loss_type": "softmax", **config})
+    torch.manual_seed(seed)
+    model = TRMPuzzleModel(config)
+    if halt_bias is not None:
+        with torch.no_grad():
+            model.core.halt_head.weight.zero_()
+            model.core.halt_head.bias.fill_(halt_bias)
+    model.save_pretrained(path)
+    if task is not None:
+        grid_shape = [SOLVER_SHAPE.size, SOLVER_SHAPE.size]
+        (path / "puzzle_task.json").write_text(json.dumps({"task": task, "grid_shape": grid_shape}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_solver_dir(tmp_path_factory) -> Path:
+    return build_tiny_solver(tmp_path_factory.mktemp("tiny-sudoku-solver"))
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

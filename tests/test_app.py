@@ -1,10 +1,18 @@
-"""app.py through its API endpoint (/generate) with gradio_client, on 127.0.0.1, launched once for the module."""
+"""app.py through its API endpoints (/generate, /solve_sudoku) with gradio_client, on 127.0.0.1, launched once for
+the module; the Puzzles tab's handler also in-process."""
 
+import re
+import shutil
+
+import gradio as gr
 import pytest
 import torch
 from fixtures_model import app, client, load_script, running_app, running_decoder, slow_down, tiny_model_dir  # noqa: F401
+from fixtures_model import build_tiny_solver, tiny_solver_dir  # noqa: F401
 from transformers import GenerationConfig, set_seed
 
+from puzzles.solve import load_solver
+from puzzles.sudoku import count_solutions
 from trm_lm.generation import GenerationSettings, generate_text
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -118,3 +126,127 @@ def test_main_refuses_a_missing_model(capsys, tmp_path):
     app_module = load_script("app.py")
     assert app_module.main(["--model", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err == f"error: model directory not found: {tmp_path / 'nope'}\n"
+
+
+# ---- the Puzzles tab -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def app_module():
+    return load_script("app.py")
+
+
+@pytest.fixture(scope="module")
+def solver(tiny_solver_dir):
+    return load_solver(tiny_solver_dir)
+
+
+def step_cells(html: str) -> list[list[tuple[set[str], str]]]:
+    """Per step figure: its cells as (classes, shown digit), row by row."""
+    figures = html.split('<figure class="sudoku-step"')[1:]
+    return [[(set(classes.split()), re.sub(r"<sub.*?</sub>|<[^>]+>", "", body))
+             for classes, body in re.findall(r'<td class="([^"]*)"[^>]*>(.*?)</td>', figure)] for figure in figures]
+
+
+def test_puzzle_handler_streams_one_grid_per_step(app_module, solver, one_thread):
+    puzzle_text = app_module.example_puzzles(solver.shape, count=1)[0]
+    updates = list(app_module.solve_updates(solver, puzzle_text, 5, False))
+    assert [status for _, status in updates[:-1]] == [f"Step {k}…" for k in range(1, 6)]  # one update per step
+    assert [len(step_cells(html)) for html, _ in updates] == [1, 2, 3, 4, 5, 5]
+    result = solver.solve(puzzle_text, 5, halting=False)
+    html, summary = updates[-1]
+    puzzle = result.puzzle.reshape(-1)
+    for step, cells in zip(result.steps, step_cells(html)):
+        grid, changed = step.grid.reshape(-1), step.changed.reshape(-1)
+        assert [digit for _, digit in cells] == [str(d) if d else "·" for d in grid]
+        assert [("clue" in kinds, "changed" in kinds) for kinds, _ in cells] == list(zip(puzzle != 0, changed))
+        assert [("clash" in kinds) for kinds, _ in cells] == list((puzzle != 0) & (grid != puzzle))
+        assert f"Step {step.step} · q_halt {step.q_halt:+.2f} · {int(changed.sum())} changed</figcaption>" in html
+    assert summary == (f"**Steps:** 5 of 5 (halting off) · **valid Sudoku:** {'yes' if result.valid else 'no'} · "
+                       f"**consistent with the clues:** {result.clue_report()}")
+
+
+def test_puzzle_handler_halts_when_the_model_says_so(app_module, tmp_path, one_thread):
+    halting = load_solver(build_tiny_solver(tmp_path / "halts", halt_bias=4.0))
+    puzzle_text = app_module.example_puzzles(halting.shape, count=1)[0]
+    (html, status), (final_html, summary) = app_module.solve_updates(halting, puzzle_text, 6, True)
+    assert status == "Step 1…" and final_html == html and "halts</figcaption>" in html
+    assert summary.startswith("**Steps:** 1 of 6 (halted at step 1: q_halt > 0; 5 steps saved)")
+
+
+@pytest.mark.parametrize("puzzle, max_steps, message", [
+    ("", 3, "the puzzle is empty"),
+    ("1" * 36, 3, "duplicate given 1 at row 1, column 2"),
+    ("." * 81, 3, "the puzzle is a 9x9 board but the model"),
+    ("." * 36, 7, "max_steps must be a whole number in 1..6"),
+])
+def test_bad_puzzles_are_user_errors(app_module, solver, puzzle, max_steps, message):
+    with pytest.raises(gr.Error) as error:
+        next(app_module.solve_updates(solver, puzzle, max_steps, True))
+    assert message in error.value.message and not error.value.print_exception  # no server traceback
+
+
+def test_example_boards_are_fixed_and_solvable(app_module, solver):
+    examples = app_module.example_puzzles(solver.shape)
+    assert examples == app_module.example_puzzles(solver.shape) and len(set(examples)) == 3
+    assert all(count_solutions(solver.parse(board), solver.shape) == 1 for board in examples)
+
+
+def test_puzzles_tab_without_a_solver_says_so_in_one_line(app_module, app, solver):
+    _, model, tokenizer = app
+    by_id = {}
+    for kwargs in ({}, {"puzzle_solver": solver}):
+        demo = app_module.build_demo(model, tokenizer, **kwargs)
+        demo.decoder.close()
+        by_id[bool(kwargs)] = {block.elem_id: block for block in demo.blocks.values() if block.elem_id}
+    assert by_id[False]["puzzle-note"].value == app_module.NO_SOLVER_NOTE and "puzzle" not in by_id[False]
+    assert "prompt" in by_id[False] and "generate-btn" in by_id[False]  # the story tab is all there
+    assert "puzzle-note" not in by_id[True]
+    assert by_id[True]["puzzle"].value == app_module.example_puzzles(solver.shape)[0]
+
+
+class Built(Exception):
+    """Raised instead of serving: main got as far as building the demo."""
+
+
+def test_main_loads_the_shipped_solver_or_says_it_is_missing(app_module, tiny_model_dir, tiny_solver_dir, tmp_path,
+                                                             monkeypatch, capsys):
+    built = {}
+
+    def build_demo(model, tokenizer, **kwargs):
+        built.update(kwargs)
+        raise Built
+
+    monkeypatch.setattr(app_module, "build_demo", build_demo)
+    monkeypatch.setattr(app_module, "REPO_ROOT", tmp_path)  # a checkout without checkpoints/trm-sudoku6
+    with pytest.raises(Built):
+        app_module.main(["--model", str(tiny_model_dir)])
+    assert built["puzzle_solver"] is None
+    assert built["puzzle_note"] == (f"No Sudoku solver: the shipped Sudoku solver {tmp_path}/checkpoints/trm-sudoku6 "
+                                    "does not exist: pass --puzzle_model with a Sudoku model folder "
+                                    "(train/train_puzzles.py --task sudoku writes one).")
+    shutil.copytree(tiny_solver_dir, tmp_path / "checkpoints" / "trm-sudoku6")
+    with pytest.raises(Built):
+        app_module.main(["--model", str(tiny_model_dir)])
+    assert built["puzzle_solver"].shape.size == 6
+    # a solver asked for by name must load
+    assert app_module.main(["--model", str(tiny_model_dir), "--puzzle_model", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err == f"error: model directory not found: {tmp_path / 'nope'}\n"
+
+
+@pytest.fixture(scope="module")
+def puzzle_client(tiny_model_dir, solver):
+    with running_app(tiny_model_dir, puzzle_solver=solver, puzzle_step_delay=0.0) as (url, _, _):
+        yield gradio_client.Client(url, verbose=False)
+
+
+def test_solve_sudoku_endpoint_streams_and_rejects_bad_puzzles(puzzle_client, solver, capfd):
+    board = "." * 36
+    job = puzzle_client.submit(board, 4, False, api_name="/solve_sudoku")
+    html, summary = job.result(timeout=60)
+    assert summary.startswith("**Steps:** 4 of 4 (halting off)") and len(step_cells(html)) == 4
+    assert [len(step_cells(update[0])) for update in job.outputs()][-5:] == [1, 2, 3, 4, 4]
+    capfd.readouterr()
+    with pytest.raises(AppError, match="duplicate given 2 at row 1, column 2"):
+        puzzle_client.predict("22" + "." * 34, 4, True, api_name="/solve_sudoku")
+    server = capfd.readouterr()
+    assert "Traceback" not in server.err + server.out

@@ -1,7 +1,8 @@
 """The app in a real browser: headless Chromium (Debian `chromium` + `chromium-driver`) driven by selenium.
 
 Types a prompt, clicks Generate, waits for the streamed story and the depth view, saves a screenshot
-(to the test's tmp dir, and to $TRM_SCREENSHOT_DIR when set). Gradio keeps connections open, so the
+(to the test's tmp dir, and to $TRM_SCREENSHOT_DIR when set). On the Puzzles tab: enters a Sudoku, clicks
+Solve and checks the grid of every supervision step. Gradio keeps connections open, so the
 test waits for elements, never for network idle.
 """
 
@@ -12,6 +13,9 @@ from pathlib import Path
 
 import pytest
 from fixtures_model import running_app, slow_down, tiny_model_dir  # noqa: F401
+from fixtures_model import tiny_solver_dir  # noqa: F401
+
+from puzzles.solve import load_solver
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio.queueing")]  # gradio's own pandas use
@@ -19,6 +23,7 @@ pytestmark = [pytest.mark.browser,
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 CHROMEDRIVER = shutil.which("chromedriver")
 PROMPT = "Tom and Lily went to the park."
+SUDOKU = "........6.1..5..3......43...5.2...6."  # 6x6 with one solution, from the project's generator
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +128,47 @@ def test_stop_keeps_the_story_and_says_it_stopped(browser, app, monkeypatch):
     assert "Generating" not in browser.find_element(By.CSS_SELECTOR, "#status").text
     errors = [e for e in browser.find_elements(By.CSS_SELECTOR, ".error, .toast-body.error") if e.is_displayed()]
     assert not errors, [e.text for e in errors]
+
+
+@pytest.fixture(scope="module")
+def puzzle_app(tiny_model_dir, tiny_solver_dir):  # noqa: F811
+    solver = load_solver(tiny_solver_dir)
+    with running_app(tiny_model_dir, puzzle_solver=solver, puzzle_step_delay=0.1) as (url, _, _):
+        yield url, solver
+
+
+def test_puzzles_tab_shows_the_grid_after_every_step(browser, puzzle_app, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    app_url, solver = puzzle_app
+    browser.get(app_url)
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: d.find_element(By.XPATH, "//button[@role='tab'][normalize-space()='Puzzles']")).click()
+    box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#puzzle textarea"))
+    box.clear()
+    box.send_keys(SUDOKU)
+    browser.find_element(By.CSS_SELECTOR, "#solve-btn").click()
+
+    wait.until(lambda d: "valid Sudoku" in d.find_element(By.CSS_SELECTOR, "#puzzle-status").text)
+    result = solver.solve(SUDOKU)  # the tab's defaults: the trained steps, halting off
+    figures = browser.find_elements(By.CSS_SELECTOR, "#puzzle-steps figure.sudoku-step")
+    assert len(figures) == result.steps_used
+    status = browser.find_element(By.CSS_SELECTOR, "#puzzle-status").text
+    assert result.steps_description() in status and "consistent with the clues" in status
+    for figure, step in zip(figures, result.steps):
+        cells = figure.find_elements(By.CSS_SELECTOR, "td.cell")
+        assert len(cells) == 36 and f"Step {step.step} · q_halt" in figure.text
+        assert len(figure.find_elements(By.CSS_SELECTOR, "td.changed")) == step.changed.sum()
+        amber = {cell.value_of_css_property("background-color")
+                 for cell in figure.find_elements(By.CSS_SELECTOR, "td.changed:not(.clash)")}
+        assert amber <= {"rgba(253, 230, 138, 1)"}  # highlighted (red instead where a clue was overwritten)
+    clues = figures[0].find_elements(By.CSS_SELECTOR, "td.clue b")
+    assert len(clues) == int((result.puzzle != 0).sum())
+    assert all(int(clue.value_of_css_property("font-weight")) >= 700 for clue in clues)
+
+    shots = [tmp_path / "puzzles.png"]
+    if os.environ.get("TRM_SCREENSHOT_DIR"):
+        shots.append(Path(os.environ["TRM_SCREENSHOT_DIR"]) / "puzzles.png")
+    for shot in shots:
+        assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000

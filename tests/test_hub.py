@@ -173,3 +173,19 @@ def test_export_refuses_a_full_folder_unless_overwrite(tiny_model_dir, tmp_path,
     # a failing export leaves the previous folder as it was
     assert main(["export", "--model", str(tmp_path / "missing"), "--output", str(output), "--overwrite"]) == 2
     assert (output / "model.safetensors").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
+
+
+def test_export_appends_card_sections_with_their_headings_one_level_down(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    from trm_lm.hub import main
+
+    section = tmp_path / "depth.md"
+    section.write_text("# Test-time depth\n\n| steps | bits/byte |\n|---|---|\n| 1 | 0.9 |\n\n## Detail\ntext\n")
+    output = tmp_path / "exported"
+    assert main(["export", "--model", str(tiny_model_dir), "--output", str(output), "--samples", "0",
+                 "--card_section", str(section)]) == 0
+    card = (output / "README.md").read_text()
+    assert "\n## Test-time depth\n" in card and "\n### Detail\n" in card and "| 1 | 0.9 |" in card
+    assert card.rstrip().endswith("text")  # appended after everything the card had
+    assert main(["export", "--model", str(tiny_model_dir), "--output", str(tmp_path / "other"), "--samples", "0",
+                 "--card_section", str(tmp_path / "missing.md")]) == 2
+    assert "card section file not found" in capsys.readouterr().err and not (tmp_path / "other").exists()

@@ -113,6 +113,28 @@ def test_gradient_flows_only_through_the_last_cycle():
     assert all(p.grad is not None for n, p in model.named_parameters() if "halt_head" not in n)
 
 
+def test_backprop_all_cycles_puts_every_cycle_on_the_graph_and_changes_the_gradient():
+    cfg = dict(net_layers=1, latent_steps=1, cycles=3, supervision_steps=2)
+    ids = torch.randint(1, 61, (2, 10))
+    losses, grads = {}, {}
+    for all_cycles in (False, True):
+        model = tiny_model(backprop_all_cycles=all_cycles, **cfg).train()
+        block = model.model.core.blocks[0]
+        calls = {True: 0, False: 0}  # output.requires_grad -> block applications
+        block.register_forward_hook(lambda module, args, output: calls.__setitem__(
+            output.requires_grad, calls[output.requires_grad] + 1))
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        losses[all_cycles], grads[all_cycles] = loss.item(), block.mlp.down_proj.weight.grad.clone()
+        applications = 2 * 3 * (1 + 1)  # N_sup x T x (n + 1), one block
+        with_grad = applications if all_cycles else applications // 3  # else only the last of T = 3 cycles
+        assert calls == {True: with_grad, False: applications - with_grad}
+    assert losses[False] == pytest.approx(losses[True], abs=1e-6)  # the same forward computation
+    assert not torch.allclose(grads[False], grads[True])  # more paths back to the same weights
+    with pytest.raises(ValueError, match="backprop_all_cycles"):
+        tiny_config(backprop_all_cycles="yes")
+
+
 def test_deep_supervision_carry_is_detached_and_loss_is_step_mean():
     model = tiny_model(supervision_steps=3).train()
     ids = torch.randint(1, 61, (2, 10))

@@ -30,6 +30,14 @@ else:
 """
 
 
+def is_our_file(filename: str) -> bool:
+    """A project source file, not a test and not an installed package: a venv made inside the checkout
+    (README's `python3 -m venv .venv`) puts site-packages under REPO_ROOT too."""
+    path = Path(filename).resolve()
+    installed = Path(sys.prefix).resolve()
+    return path.is_relative_to(REPO_ROOT) and not path.is_relative_to(installed) and "tests" not in path.parts
+
+
 def run_strict(*args, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.run([sys.executable, "-c", STRICT_RUNNER, *map(str, args)], capture_output=True, text=True,
@@ -70,5 +78,5 @@ def test_app_generation_warns_nothing_from_our_code(tiny_model_dir):  # noqa: F8
             story, *_ = client.predict("Once upon a time", 0.9, 0.95, 12, 0.5, 2, 1, api_name="/generate")
     assert story.startswith("Once upon a time")
     ours = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
-            and Path(w.filename).resolve().is_relative_to(REPO_ROOT) and "tests" not in Path(w.filename).parts]
+            and is_our_file(w.filename)]
     assert not ours, [f"{w.filename}:{w.lineno}: {w.message}" for w in ours]

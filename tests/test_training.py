@@ -228,6 +228,36 @@ def test_study_arms_share_data_tokenizer_and_schedule_and_differ_only_in_the_mod
     assert (model["cycles"], model["latent_steps"], model["supervision_steps"]) == (1, 1, 2)
     assert args["max_train_steps"] == 3 * base_args["max_train_steps"] and data == base_data
 
+def test_recipe_study_runs_differ_only_as_labelled_and_share_budget_data_and_schedule():
+    """benchmarks/recipe_study.py: every run's command parses with the real flags, the arms differ only in the
+    model fields their label names, and an arm twice as fast gets twice the steps of the same budget."""
+    train_lm = _load_train_lm()
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import recipe_study
+
+    parsed = {}
+    for name in recipe_study.RUNS:
+        plan = recipe_study.plan_run(name, seed=1, budget=100.0, speed=4096.0, parameters=0, out_dir=REPO / "x")
+        argv = recipe_study.command(plan)[2:]  # drop the interpreter and script
+        args, data, model = parse_args([TrainingArguments, train_lm.DataArguments, train_lm.ModelArguments], argv)
+        assert (args.max_train_steps, args.seed, args.eval_steps) == (100, 1, 10), name  # 100 s x 1 step/s
+        parsed[name] = ({k: v for k, v in asdict(args).items() if k != "output_dir"}, asdict(data), asdict(model))
+    base_args, base_data, base_model = parsed["trm-recursive"]
+    assert (base_model["latent_steps"], base_model["cycles"], base_model["supervision_steps"]) == (2, 2, 4)
+    assert base_data["validation_file"] is None and len(base_data["train_file"]) == 2
+    expected = {"trm-recursive": {}, "trm-flat": {"latent_steps": 1, "cycles": 1},
+                "llama-params": {"model_type": "llama"},  # baseline_match "params" is the default
+                "llama-flops": {"model_type": "llama", "baseline_match": "flops"},
+                "trm-halt0": {"halt_loss_weight": 0.0}, "trm-allcycles": {"backprop_all_cycles": True},
+                "trm-nsup2": {"supervision_steps": 2}}
+    assert set(expected) == set(parsed)
+    for name, (args, data, model) in parsed.items():
+        assert args == base_args and data == base_data, name
+        assert {k: v for k, v in model.items() if v != base_model[k]} == expected[name], name
+    slow = recipe_study.plan_run("llama-flops", seed=0, budget=100.0, speed=2048.0, parameters=0, out_dir=REPO / "x")
+    assert slow["flags"]["max_train_steps"] == 50
+
+
 def _load_train_lm():
     """train/train_lm.py as a module (train/ is a folder of scripts, not a package)."""
     if "train_lm" not in sys.modules:

@@ -9,7 +9,8 @@ Every flag of trm_lm.training.TrainingArguments plus the data and model flags be
 `--config` are overridden by flags given on the command line. Without --tokenizer_name a byte-level BPE
 of --vocab_size is trained on the training texts and saved with the model. Evaluation reports
 bits per byte, per-token loss and perplexity of the validation documents (trm_lm.evaluate), computed
-with the EMA weights when --ema_decay > 0.
+with the EMA weights when --ema_decay > 0. TRM_LM_SMOKE=1 in the environment makes any of these a smoke run
+(2 optimizer steps of 2 blocks, 2 evaluation and report documents) that only checks the command works.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ class ModelArguments:
     cycles: int | None = field(default=None, metadata={"help": "T: cycles per supervision step (T-1 without grad)."})
     supervision_steps: int | None = field(default=None, metadata={"help": "N_sup: deep-supervision steps."})
     halt_loss_weight: float | None = None
+    backprop_all_cycles: bool | None = field(
+        default=None, metadata={"help": "Gradient through all T cycles, not only the last (an ablation)."})
     norm_position: Literal["post", "pre"] | None = None
     input_injection: Literal["add", "concat"] | None = None
     position_encoding: Literal["rope", "learned", "none"] | None = None
@@ -92,6 +95,10 @@ class ModelArguments:
         metadata={"help": "TRM folder to start from (its weights; give its tokenizer with --tokenizer_name). The "
                           "network is shared by every step, so the schedule (supervision_steps, cycles, "
                           "latent_steps) may differ from the one it was trained with; the shapes may not."})
+
+
+# TRM_LM_SMOKE=1 (trm_lm.training.smoke_run): besides the step counts, score only a few documents.
+SMOKE_DOCUMENT_LIMITS = {"max_eval_documents": 2, "max_report_documents": 2}
 
 
 class CausalLMTask(TrainingTask):
@@ -179,7 +186,8 @@ class CausalLMTask(TrainingTask):
 
 
 def main(argv: list[str] | None = None):
-    training_args, data_args, model_args = parse_args([TrainingArguments, DataArguments, ModelArguments], argv)
+    training_args, data_args, model_args = parse_args([TrainingArguments, DataArguments, ModelArguments], argv,
+                                                      smoke_limits=SMOKE_DOCUMENT_LIMITS)
     training_args.validate()
     output_dir = Path(training_args.output_dir)
     load_kwargs = dict(dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,

@@ -3,6 +3,7 @@
 Paper names -> config fields:
     n      latent_steps        z <- net(z + y + x), n times per cycle
     T      cycles              T cycles per supervision step, the first T-1 without gradient
+                               (unless backprop_all_cycles: the paper's "full recursion" gradient ablation)
     N_sup  supervision_steps   deep-supervision steps, (y, z) carried (detached) from one to the next
     L      net_layers          blocks in the one tiny network
 
@@ -34,6 +35,7 @@ class TRMConfig(PreTrainedConfig):
     latent_steps: int = 2
     cycles: int = 2
     supervision_steps: int = 2
+    backprop_all_cycles: bool = False  # official: only the last of the T cycles has gradient
     halt_threshold: float | None = None  # inference-time per-token exit; None = run every step
     halt_loss_weight: float = 0.5  # official ACTLossHead weight of the halting BCE
     max_position_embeddings: int = 1024
@@ -109,7 +111,7 @@ class TRMConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not (_is_number(value) and 0 < value < math.inf) and not (name == "initializer_range" and value is None):
                 raise ValueError(f"TRMConfig.{name} must be a positive finite number, got {value!r}")
-        for name in ("causal", "tie_word_embeddings", "use_cache"):
+        for name in ("causal", "tie_word_embeddings", "use_cache", "backprop_all_cycles"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TRMConfig.{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):

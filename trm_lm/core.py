@@ -247,6 +247,7 @@ class TRMCore(nn.Module):
         self.config = config
         D = config.hidden_size
         self.latent_steps, self.cycles, self.net_layers = config.latent_steps, config.cycles, config.net_layers
+        self.backprop_all_cycles = config.backprop_all_cycles
         self.blocks = nn.ModuleList(TRMBlock(config) for _ in range(config.net_layers))
         self.eps = config.rms_norm_eps
         self.pre_norm = config.norm_position == "pre"
@@ -294,7 +295,8 @@ class TRMCore(nn.Module):
 
     def supervision_step(self, x, y, z, step: int = 0, *, rotary=None, attention_mask=None, cache=None,
                          frozen=None):
-        """One deep-supervision step: T cycles of (n latent updates, 1 answer update); gradient only in the last.
+        """One deep-supervision step: T cycles of (n latent updates, 1 answer update); gradient only in the last
+        (in all of them with config.backprop_all_cycles).
 
         x, y, z: (B, T, D). `step` selects the KV-cache slots. `frozen` (B, T) bool marks halted positions
         (inference only, needs a RecursionCache): their y/z are returned unchanged, their K/V are copied
@@ -322,7 +324,7 @@ class TRMCore(nn.Module):
         y_in, z_in = y, z
         x, y, z = take_rows(x, rows), take_rows(y, rows), take_rows(z, rows)
         for cycle in range(self.cycles):
-            with torch.no_grad() if cycle < self.cycles - 1 else nullcontext():
+            with torch.no_grad() if cycle < self.cycles - 1 and not self.backprop_all_cycles else nullcontext():
                 for update in range(self.latent_steps):
                     z = self.net(self.inject_latent(z, y, x), self.virtual_layer(step, cycle, update, 0), **common)
                 y = self.net(self.inject_answer(y, z), self.virtual_layer(step, cycle, self.latent_steps, 0), **common)

@@ -4,6 +4,8 @@
         [--max_documents N] [--context_length L] [--batch_size B] [--device cpu] [--trust_remote_code] \
         [--forward_kwargs '{"halt_threshold": 0.9}'] [--json result.json]
 
+TRM_LM_SMOKE=1 in the environment scores only the first 2 documents (a smoke run, said so on stderr).
+
 Protocol (shared/reference/trm-language.md §3.5), the same for every model and tokenizer:
   * every document is scored on its own: the input is BOS + document tokens (the tokenizer's BOS, its EOS
     when it has none) and the targets are the document tokens + EOS, so every token of the document and
@@ -35,8 +37,10 @@ from tqdm.auto import tqdm
 
 from trm_lm.data import load_or_train_tokenizer, read_documents
 from trm_lm.metrics import BITS_PER_BYTE
+from trm_lm.training import apply_smoke_limits, smoke_run
 
 IGNORE_INDEX = -100
+SMOKE_MAX_DOCUMENTS = 2  # TRM_LM_SMOKE=1: the CLI only checks that it works
 
 
 def sliding_windows(num_targets: int, context_length: int) -> list[tuple[int, int, int]]:
@@ -149,7 +153,9 @@ def bits_per_byte(
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="Bits per byte of a causal LM on whole documents.")
+    parser = argparse.ArgumentParser(description="Bits per byte of a causal LM on whole documents.",
+                                     epilog="TRM_LM_SMOKE=1 in the environment: score only the first "
+                                            f"{SMOKE_MAX_DOCUMENTS} documents (a smoke run, never a real score).")
     parser.add_argument("--model", required=True, help="model folder or Hub id (AutoModelForCausalLM)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: --model)")
     parser.add_argument("--validation_file", required=True, help=".txt / .jsonl / .json / .parquet documents")
@@ -168,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         value = getattr(args, name)
         if value is not None and value < minimum:
             parser.error(f"--{name} must be >= {minimum}, got {value}")
+    if smoke_run():
+        apply_smoke_limits((args,), {"max_documents": SMOKE_MAX_DOCUMENTS})
     try:
         return _score(args)
     except (OSError, ValueError) as error:  # a user error: one line, no traceback

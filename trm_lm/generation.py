@@ -175,9 +175,15 @@ def load_model_and_tokenizer(name_or_path: str | Path, device: str = "auto", tru
         # mismatched sizes are reported below by name (transformers' own error points at a log we silence)
         # bf16/fp16 checkpoints (the shipped one) compute in float32 on CPU: faster there, and exact enough
         # that cached and uncached decoding agree; accelerators keep the stored dtype
-        model, loading = AutoModelForCausalLM.from_pretrained(
-            source, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True,
-            ignore_mismatched_sizes=True, dtype=torch.float32 if torch.device(torch_device).type == "cpu" else "auto")
+        from .export import is_int8_folder, load_int8  # here: trm_lm.export imports this module
+
+        if source == str(local) and is_int8_folder(local):  # `python -m trm_lm.export --format int8`, dequantized
+            model, loading = load_int8(local, trust_remote_code=trust_remote_code)
+        else:
+            model, loading = AutoModelForCausalLM.from_pretrained(
+                source, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                dtype=torch.float32 if torch.device(torch_device).type == "cpu" else "auto")
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as error:
         raise OSError(f"could not load {where}: {type(error).__name__}: {one_line(error)}") from error

@@ -71,18 +71,23 @@ def build_model_card(model_dir: str | Path, repo_id: str, custom_code: bool = Tr
 
 
 def stage_upload(model_dir: str | Path, staging_dir: str | Path, repo_id: str, datasets: list[str] | None = None,
-                 data_description: str | None = None, dtype: str | None = None, samples: int = 0) -> list[str]:
+                 data_description: str | None = None, dtype: str | None = None, samples: int = 0,
+                 card_sections: list[str | Path] = ()) -> list[str]:
     """Write what will be uploaded into `staging_dir`; return the file names.
 
     dtype: cast the weights before saving ("bfloat16", "float16", "float32"; None keeps them).
     samples: append this many sample stories (seeded, from "Once upon a time") to the model card.
+    card_sections: Markdown files appended to the card (e.g. benchmarks/results/depth.md), headings one level down.
     """
+    sections = [card_section(path) for path in card_sections]  # read first: a missing file costs no work
     staging_dir = Path(staging_dir)
     model, tokenizer = load_model_and_tokenizer(model_dir, device="cpu")  # checks the folder first
     card = build_model_card(model_dir, repo_id, bool(getattr(model.config, "auto_map", None)), datasets,
                             data_description)
     if samples:
         card = ModelCard(card.content.rstrip("\n") + "\n\n" + sample_stories(model, tokenizer, samples))
+    for section in sections:
+        card = ModelCard(card.content.rstrip("\n") + "\n\n" + section)
     if dtype is not None:
         if dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
@@ -91,6 +96,15 @@ def stage_upload(model_dir: str | Path, staging_dir: str | Path, repo_id: str, d
     tokenizer.save_pretrained(staging_dir)
     card.save(staging_dir / "README.md")
     return sorted(path.name for path in staging_dir.iterdir() if path.is_file())
+
+
+def card_section(path: str | Path) -> str:
+    """A Markdown file as a model-card section: its headings one level down (its title becomes a '##')."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"card section file not found: {path}")
+    lines = path.read_text(encoding="utf-8").strip().splitlines()
+    return "\n".join("#" + line if line.startswith("#") else line for line in lines) + "\n"
 
 
 def sample_stories(model, tokenizer, count: int, prompt: str = "Once upon a time", max_new_tokens: int = 160) -> str:
@@ -140,6 +154,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     export.add_argument("--samples", type=int, default=3, help="sample stories to put in the card")
     export.add_argument("--datasets", nargs="*", default=None)
     export.add_argument("--data_description", default=None)
+    export.add_argument("--card_section", nargs="*", default=[], metavar="FILE",
+                        help="Markdown files appended to the model card, e.g. benchmarks/results/depth.md")
     export.add_argument("--overwrite", action="store_true",
                         help="replace an existing --output folder (swapped in only once the new one is complete)")
     return parser.parse_args(argv)
@@ -156,7 +172,7 @@ def main(argv=None) -> int:
         staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-export-", dir=output.parent))
         try:
             files = stage_upload(args.model, staging, args.name or output.name, args.datasets, args.data_description,
-                                 dtype=args.dtype, samples=args.samples)
+                                 dtype=args.dtype, samples=args.samples, card_sections=args.card_section)
             old = output.with_name(f".{output.name}-replaced")
             if output.exists():
                 shutil.rmtree(old, ignore_errors=True)

@@ -17,6 +17,11 @@ restores all of it and skips the consumed micro-batches of the seeded sampler, s
 as if it had never stopped (same batches, same dropout masks, same losses). A non-finite loss stops the
 run with a clear error before anything is saved.
 
+TRM_LM_SMOKE=1 in the environment turns any training command into a smoke run that only checks it works: at
+most 2 optimizer steps of 2 examples, evaluation every 2 steps and a checkpoint every step where those are on,
+plus the script's own caps (e.g. evaluation documents); one line on stderr says so. tests/test_readme.py runs
+the README's commands this way.
+
 Gradient accumulation averages the micro-batch losses (accelerate divides each by the number of
 micro-batches). That equals the token-weighted mean because packed text blocks and fixed-size grids
 have the same number of targets in every micro-batch (bar a smaller last batch of an epoch), so the loop
@@ -169,18 +174,23 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def parse_args(dataclass_types: list[type], argv: list[str] | None = None) -> tuple:
+def parse_args(dataclass_types: list[type], argv: list[str] | None = None,
+               smoke_limits: dict[str, int] | None = None) -> tuple:
     """Parse command-line flags into instances of `dataclass_types` (HfArgumentParser).
 
     `--config file.yaml` supplies defaults; flags given explicitly on the command line override them.
-    Unknown keys in the YAML file raise a ValueError naming them.
+    Unknown keys in the YAML file raise a ValueError naming them. With TRM_LM_SMOKE=1 in the environment
+    the step counts are shrunk (see `apply_smoke_limits`), plus the script's own `smoke_limits`.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
 
-    parser = HfArgumentParser(dataclass_types, formatter_class=_HelpFormatter)
+    parser = HfArgumentParser(dataclass_types, formatter_class=_HelpFormatter,
+                              epilog=f"{SMOKE_ENV}=1 in the environment: a smoke run that only checks the command "
+                                     "works (at most 2 optimizer steps of 2 examples, tiny evaluations), never a "
+                                     "real one.")
     parser.add_argument("--config", help="YAML file of flag values; flags on the command line override it")
     if known.config:
         values = load_config(known.config)
@@ -189,8 +199,42 @@ def parse_args(dataclass_types: list[type], argv: list[str] | None = None) -> tu
         if unknown:
             raise ValueError(f"{known.config}: unknown keys {unknown}; valid keys are the script's flags")
         parser.set_defaults(**values)
-    outputs = parser.parse_args_into_dataclasses(args=argv)
-    return tuple(outputs[: len(dataclass_types)])  # drop the namespace holding --config
+    outputs = tuple(parser.parse_args_into_dataclasses(args=argv)[: len(dataclass_types)])  # drop --config's namespace
+    if smoke_run():
+        apply_smoke_limits(outputs, {**SMOKE_TRAINING_LIMITS, **(smoke_limits or {})}, SMOKE_TRAINING_PERIODS)
+    return outputs
+
+
+SMOKE_ENV = "TRM_LM_SMOKE"
+# TRM_LM_SMOKE=1: every documented command runs end to end in seconds (tests/test_readme.py runs the README's
+# commands this way). A limit caps a count whose None means "all"; a period (eval/checkpoint every N steps)
+# is capped only when set, so a run that never checkpoints still does not.
+SMOKE_TRAINING_LIMITS = {"max_train_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1}
+SMOKE_TRAINING_PERIODS = {"eval_steps": 2, "checkpointing_steps": 1}
+
+
+def smoke_run() -> bool:
+    """Whether TRM_LM_SMOKE is set (to anything but "" or "0"): shrink every long count to a tiny one."""
+    return os.environ.get(SMOKE_ENV, "") not in ("", "0")
+
+
+def apply_smoke_limits(arguments: tuple, limits: dict[str, int], periods: dict[str, int] | None = None) -> None:
+    """Cap the named fields of parsed arguments (dataclasses or argparse namespaces): `limits` always (None
+    counts as unlimited), `periods` only where set. Says so in one line on stderr, so nobody takes a smoke
+    run for a real one."""
+    periods = periods or {}
+    capped = []
+    for args in arguments:
+        for name, value in vars(args).items():
+            if name in limits:
+                value = limits[name] if value is None else min(value, limits[name])
+            elif name in periods and value is not None:
+                value = min(value, periods[name])
+            else:
+                continue
+            setattr(args, name, value)
+            capped.append(f"{name}={value}")
+    print(f"{SMOKE_ENV} is set: a smoke run, not a real one ({', '.join(capped)})", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -226,6 +270,10 @@ class TrainingTask(ABC):
 
     def parameter_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
         return parameter_groups(model, weight_decay)
+
+    def ema_skipped_parameters(self, model: nn.Module) -> list[str]:
+        """Names of parameters the EMA does not average: its copy always holds their current values."""
+        return []
 
     def evaluate(self, model: nn.Module, accelerator: Accelerator) -> dict[str, float]:
         """Metrics of `model` (the EMA copy when EMA is on). Runs on every process, under no_grad and
@@ -367,10 +415,11 @@ def run_training(args: TrainingArguments, task: TrainingTask) -> TrainingResult:
                               num_training_steps=max_train_steps * accelerator.num_processes)
     scheduler = accelerator.prepare(scheduler)
 
-    ema = None
+    ema, ema_skipped = None, []
     if args.ema_decay > 0:  # an fp32 shadow copy, updated after every optimizer step; never wrapped by DDP
         ema = AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay))
         ema.eval()
+        ema_skipped = task.ema_skipped_parameters(accelerator.unwrap_model(model))
     stateful_task = callable(getattr(task, "state_dict", None)) and callable(getattr(task, "load_state_dict", None))
     checkpointed = dict(model=model, optimizer=optimizer, scheduler=scheduler, ema=ema,
                         task=task if stateful_task else None)
@@ -463,6 +512,8 @@ def run_training(args: TrainingArguments, task: TrainingTask) -> TrainingResult:
                     "resume from the last checkpoint.")
             if ema is not None:
                 ema.update_parameters(accelerator.unwrap_model(model))
+                for name in ema_skipped:
+                    ema.module.get_parameter(name).detach().copy_(accelerator.unwrap_model(model).get_parameter(name))
             progress.update(1)
 
             if completed_steps % args.logging_steps == 0 or completed_steps == max_train_steps:
