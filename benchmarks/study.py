@@ -12,7 +12,8 @@ For every arm that has a trained model: bits/byte on all 1,000 validation storie
 generation path, context 512), parameters, training tokens/s (from its log.jsonl), decode tokens/s
 with the KV cache. For the TRM arm: the ACT trade-off (halting threshold vs bits/byte vs network
 applications per token) for the trained halt head and two training-free rules (entropy, KL between
-steps). Writes benchmarks/results/study.{json,md} and docs/*.png. TRM_LM_SMOKE=1 in the environment makes
+steps). Writes outputs/benchmarks/study.{json,md,png}; with --update-results benchmarks/results/study.{json,md}
+and docs/*.png (committed). TRM_LM_SMOKE=1 in the environment makes
 it a smoke run (2 documents, 8 decoded tokens, one threshold per ACT rule) that only checks the script works.
 """
 
@@ -26,6 +27,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
@@ -33,6 +35,8 @@ import trm_lm  # noqa: E402,F401  (registers the TRM classes)
 from trm_lm.data import read_documents  # noqa: E402
 from trm_lm.evaluate import bits_per_byte  # noqa: E402
 from trm_lm.training import apply_smoke_limits, smoke_run  # noqa: E402
+
+from results_path import add_results_flags, results_path  # noqa: E402
 
 ARMS = {  # arm -> label; its run lives in outputs/study/<arm>, except the TRM arm (the shipped model's run)
     "trm": "(a) TRM, n=2 T=2 N_sup=2",
@@ -144,8 +148,9 @@ def main(argv=None):
     parser.add_argument("--act_documents", type=int, default=200)
     parser.add_argument("--max_documents", type=int, default=None, help="score the first N documents (default: all)")
     parser.add_argument("--decode_tokens", type=int, default=128, help="tokens decoded to time the KV-cache decoding")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "study"))
-    parser.add_argument("--plots", default=str(REPO / "docs"))
+    add_results_flags(parser, "study")
+    parser.add_argument("--plots", default=None,
+                        help="folder for the plots (default: docs/ with --update-results, else next to the tables)")
     args = parser.parse_args(argv)
     act_sweep = ACT_SWEEP
     if smoke_run():
@@ -175,10 +180,11 @@ def main(argv=None):
         results["arms"].append(row)
         if arm == "trm":
             results["act"] = act_curve(model, tokenizer, documents[:args.act_documents], act_sweep)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = results_path(args, "study")
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    plots = plot(results, Path(args.plots))
+    plots_dir = Path(args.plots) if args.plots else REPO / "docs" if args.update_results else out.parent
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    plots = plot(results, plots_dir)
     lines = [f"# TRM vs transformer on TinyStories ({results['documents']} validation stories, bits/byte)", "",
              "| arm | parameters | val bits/byte | nats/token | train tok/s (log) | decode tok/s (cache) |",
              "|---|---|---|---|---|---|"]
@@ -192,7 +198,8 @@ def main(argv=None):
         lines += [f"| {p['criterion']} | {p['threshold'] if p['threshold'] is not None else '-'} | "
                   f"{p['bits_per_byte']:.4f} | {p['mean_supervision_steps']:.3f} | "
                   f"{p['net_applications_per_token']:.2f} |" for p in results["act"]]
-    lines += ["", "Plots: " + ", ".join(f"docs/{p}" for p in plots)]
+    shown = plots_dir.relative_to(REPO) if plots_dir.is_relative_to(REPO) else plots_dir
+    lines += ["", "Plots: " + ", ".join(f"{shown}/{p}" for p in plots)]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
