@@ -25,7 +25,7 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from puzzles.solve import SolveResult, SolveStep, SudokuSolver, default_solver_path, load_solver  # noqa: E402
+from puzzles.solve import SolveStep, SudokuSolver, default_solver_path, load_solver  # noqa: E402
 from puzzles.sudoku import SudokuShape, format_sudoku, generate_puzzle  # noqa: E402
 from trm_lm.generation import (  # noqa: E402
     TEST_TIME_DEPTH,
@@ -65,6 +65,22 @@ NO_SOLVER_NOTE = "No Sudoku solver is loaded: start the app with --puzzle_model 
 def user_error(message: str) -> gr.Error:
     """A message for the user; not a server-side traceback (the server is fine)."""
     return gr.Error(message, print_exception=False)
+
+
+# A slider's number box sets a typed value outside its range to the nearest end without a word; this says so.
+# Capturing on the document sees the typed value before the slider clamps it.
+RANGE_NOTE_JS = """
+document.addEventListener('change', (event) => {
+  const box = event.target;
+  if (!(box instanceof HTMLInputElement) || box.type !== 'number' || box.value === '' || !box.closest('#component-0, .gradio-container')) return;
+  const value = Number(box.value);
+  const low = box.min === '' ? -Infinity : Number(box.min), high = box.max === '' ? Infinity : Number(box.max);
+  if (value >= low && value <= high) { props.value = ''; return; }
+  const block = box.closest('.block');
+  const label = block && block.querySelector('label') ? block.querySelector('label').textContent.trim() : 'This setting';
+  props.value = `<p>${label}: ${value} is outside ${box.min} to ${box.max}, so ${value > high ? box.max : box.min} is used.</p>`;
+}, true);
+"""
 
 
 def build_demo(model, tokenizer, *, max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP,
@@ -162,6 +178,7 @@ def build_demo(model, tokenizer, *, max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP
                                                         f"{max_steps} thinks longer than trained)")
                     seed = gr.Number(value=-1 if default_seed is None else default_seed, precision=0,
                                      label="Seed (-1 = random)")
+                    gr.HTML("", js_on_load=RANGE_NOTE_JS, elem_id="range-note")
                     gr.Examples(EXAMPLES, inputs=[prompt])
                 with gr.Column(scale=2):
                     story = gr.Textbox(label="Story", lines=10, interactive=False, elem_id="story")
@@ -239,7 +256,7 @@ def solve_updates(solver: SudokuSolver, text: str, max_steps, halting: bool, ste
             time.sleep(step_delay)
         done.append(step)
         yield boards_html(done, puzzle, solver.shape), f"Step {step.step}…"
-    result = SolveResult(puzzle, solver.shape, done, solver.check_max_steps(max_steps), bool(halting))
+    result = solver.result(puzzle, done, max_steps, halting)
     yield boards_html(done, puzzle, solver.shape), (
         f"**Steps:** {result.steps_description()} · **valid Sudoku:** {'yes' if result.valid else 'no'} · "
         f"**consistent with the clues:** {result.clue_report()}")

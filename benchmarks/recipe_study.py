@@ -11,9 +11,9 @@ shipped tokenizer, cosine schedule, early stopping on a held-out 2% of the train
     llama-flops     (iv)  transformers' Llama with the TRM's forward FLOPs per token (one layer per virtual layer)
 and ablations of (i): halting-loss weight 0, gradient through all T cycles, N_sup=2.
 
-Same wall clock per arm: each run's step count is its budget times its training speed, measured just before
-it starts (forward + backward + AdamW on random tokens, benchmarks/train_speed.py) under the same thread count,
-so an arm that is twice as fast gets twice the steps. Runs go --parallel at a time; the budget is the time
+Same wall clock per arm: each run's step count is its budget times its arm's training speed, measured once per
+arm before any run starts (forward + backward + AdamW on random tokens, benchmarks/train_speed.py) under the
+same thread count, so an arm that is twice as fast gets twice the steps and an arm's seeds run the same steps. Runs go --parallel at a time; the budget is the time
 the run would take with the device to itself (on a shared GPU every run stretches alike; on a CPU give each
 run its own cores: --parallel x --threads <= cores).
 Writes outputs/benchmarks/recipe_study.{json,md,png}; with --update-results benchmarks/results/ and
@@ -69,10 +69,10 @@ def run_values(name: str) -> dict:
     return {**load_config(BASE_CONFIG), **RUNS[name][1]}
 
 
-def measure_speed(name: str, seed: int, device: str) -> tuple[float, int]:
+def measure_speed(name: str, device: str) -> tuple[float, int]:
     """Training tokens/s of the arm's model on this machine, and its parameter count."""
     values = run_values(name)
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     model = build_model(values).to(device)
     speed = tokens_per_second(model, values["per_device_train_batch_size"], values["block_size"], 4096, steps=3)
     return speed, sum(p.numel() for p in model.parameters())
@@ -180,8 +180,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out_dir = Path(args.output_dir)
-    plans = [plan_run(name, seed, args.budget_seconds, *measure_speed(name, seed, device), out_dir,
-                      args.report_documents) for seed in args.seeds for name in args.runs]
+    speeds = {name: measure_speed(name, device) for name in args.runs}
+    plans = [plan_run(name, seed, args.budget_seconds, *speeds[name], out_dir, args.report_documents)
+             for seed in args.seeds for name in args.runs]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     pending, running, start = list(plans), [], time.time()
     while pending or running:

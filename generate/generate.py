@@ -18,6 +18,7 @@ sys.path.insert(0, str(REPO_ROOT))  # runs from a checkout without `pip install 
 
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from trm_lm.cli import HelpFormatter  # noqa: E402
 from trm_lm.generation import (  # noqa: E402
     GenerationSettings,
     context_length,
@@ -37,7 +38,7 @@ DEFAULTS = GenerationSettings()
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", default=None,
                         help="model folder or Hugging Face Hub id (default: checkpoints/trm-tinystories-small)")
     parser.add_argument("--prompt", required=True, help="text to continue; '-' reads it from stdin")

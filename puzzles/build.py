@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from trm_lm.cli import HelpFormatter
+
 from . import arc, maze, sudoku
 
 TASKS = ("sudoku-extreme", "sudoku-gen", "maze", "arc1", "arc2")
@@ -23,7 +25,7 @@ TASKS = ("sudoku-extreme", "sudoku-gen", "maze", "arc1", "arc2")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m puzzles.build", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--output_dir", required=True, type=Path)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
@@ -48,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--num_train", type=int, default=4000)
     g.add_argument("--num_test", type=int, default=1000)
     g.add_argument("--min_givens", type=int, default=0, help="stop removing clues at this many (0: minimal puzzles)")
+    g.add_argument("--max_givens", type=int, default=None,
+                   help="with it, each puzzle stops at a clue count drawn uniformly from [min_givens, max_givens]")
+    g.add_argument("--add_extreme", action="store_true",
+                   help="9x9: add Sudoku-Extreme's training puzzles (from --train_dir) to the generated train split")
 
     g = p.add_argument_group("maze")
     g.add_argument("--maze_dir", type=Path, default=maze.MAZE_DIR, help="HRM-format folder with train/ and test/")
@@ -81,8 +87,14 @@ def main(argv: list[str] | None = None) -> dict:
             hub_id=args.hub_id, tdoku_files=tdoku_files, limit=args.limit, subsample=args.subsample,
             min_rating=args.min_rating, num_aug=num_aug, seed=seed, **common)
     elif args.task == "sudoku-gen":
+        extra = None
+        if args.add_extreme:
+            if args.size != 9:
+                raise SystemExit("--add_extreme needs --size 9 (Sudoku-Extreme is 9x9)")
+            extra = sudoku.load_hrm_sudoku(args.train_dir, "train")
         stats = sudoku.build_generated(args.output_dir, size=args.size, num_train=args.num_train, num_test=args.num_test,
-                                       seed=seed, num_aug=num_aug, min_givens=args.min_givens, **common)
+                                       seed=seed, num_aug=num_aug, min_givens=args.min_givens,
+                                       max_givens=args.max_givens, extra_train=extra, **common)
     elif args.task == "maze":
         if num_aug:
             raise SystemExit("maze augmentation is the fixed 8 dihedral versions: use --aug, not --num_aug")

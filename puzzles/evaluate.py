@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from trm_lm.cli import HelpFormatter
+
 from . import arc, maze, metrics
 from .grids import PuzzleExampleDataset, PuzzleMetadata, load_identifiers, load_split
 from .sudoku import BLANK_TOKEN
@@ -208,7 +210,7 @@ def check_compatible(config, metadata: PuzzleMetadata, where: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m puzzles.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="folder written by train/train_puzzles.py (save_pretrained)")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data_dir", required=True, help="dataset folder built by `python -m puzzles.build`")

@@ -27,6 +27,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from trm_lm.core import IGNORE_INDEX  # on-disk ignore_label_id is mapped to it
+
 # Where the offline copies of the public data sets live, relative to this checkout (`../shared/data`).
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -34,7 +36,6 @@ SET_NAME = "all"  # the official format allows several sets per split; every bui
 ARRAY_NAMES = ("inputs", "labels", "puzzle_identifiers", "puzzle_indices", "group_indices")
 SPLITS = ("train", "test")
 BLANK_IDENTIFIER = "<blank>"
-IGNORE_INDEX = -100  # what torch's cross-entropy ignores; on-disk ignore_label_id is mapped to it
 # Folders written by the official builders carry no `task`; (vocab_size, seq_len) says which builder wrote them.
 OFFICIAL_TASKS = {(11, 81): "sudoku-extreme", (6, 900): "maze", (12, 900): "arc"}
 

@@ -39,10 +39,9 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from trm_lm.configuration_trm import TRMConfig
-from trm_lm.core import TRMCore
+from trm_lm.core import IGNORE_INDEX, TRMCore
 from trm_lm.modeling_trm import TRMPreTrainedModel
 
-IGNORE_INDEX = -100
 _LOSS_TYPES = ("softmax", "stablemax")
 _RECURSIONS = ("trm", "direct")
 DATA_KEYS = ("inputs", "labels", "puzzle_identifiers")  # what a batch (PuzzleExampleDataset) holds

@@ -44,15 +44,20 @@ from .sudoku import (SudokuShape, format_sudoku, from_tokens, is_valid_solution,
                      validate_givens)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SOLVER = Path("checkpoints") / "trm-sudoku6"
+SHIPPED_SOLVERS = {6: Path("checkpoints") / "trm-sudoku6", 9: Path("checkpoints") / "trm-sudoku9"}  # by board side
 PUZZLE_IDENTIFIER = 0  # Sudoku builders put every puzzle on the blank identifier (one puzzle-embedding row)
 PUZZLE_HINT = "a puzzle is 16, 36 or 81 characters, row by row, digits with '.' or '0' for blanks"
 
 
-def default_solver_path(repo_root: str | Path = REPO_ROOT, flag: str = "--model") -> Path:
-    """The solver the CLI and the app use when none is given: checkpoints/trm-sudoku6 of the repository;
-    `flag` is the option that names another one (in the message when the shipped one is missing)."""
-    path = Path(repo_root) / DEFAULT_SOLVER
+def default_solver_path(repo_root: str | Path = REPO_ROOT, flag: str = "--model", size: int = 6) -> Path:
+    """The shipped solver of `size`x`size` boards (checkpoints/trm-sudoku6 or trm-sudoku9 of the repository), which
+    the CLI and the app use when none is given; `flag` is the option that names another one (in the message when
+    the shipped one is missing)."""
+    if size not in SHIPPED_SOLVERS:
+        shipped = " and ".join(f"{side}x{side}" for side in SHIPPED_SOLVERS)
+        raise ValueError(f"no solver is shipped for {size}x{size} Sudoku (only {shipped}): pass {flag} with a Sudoku "
+                         "model folder")
+    path = Path(repo_root) / SHIPPED_SOLVERS[size]
     if not path.is_dir():
         raise FileNotFoundError(f"the shipped Sudoku solver {path} does not exist: pass {flag} with a Sudoku model "
                                 "folder (train/train_puzzles.py --task sudoku writes one)")
@@ -212,8 +217,12 @@ class SudokuSolver:
 
     def solve(self, puzzle: str | np.ndarray, max_steps: int | None = None, halting: bool = False) -> SolveResult:
         grid = self.parse(puzzle) if isinstance(puzzle, str) else np.asarray(puzzle)
-        max_steps = self.check_max_steps(max_steps)
-        return SolveResult(grid, self.shape, list(self.steps(grid, max_steps, halting)), max_steps, bool(halting))
+        return self.result(grid, list(self.steps(grid, max_steps, halting)), max_steps, halting)
+
+    def result(self, puzzle: np.ndarray, steps: list[SolveStep], max_steps: int | None = None,
+               halting: bool = False) -> SolveResult:
+        """The SolveResult of steps already run (e.g. one at a time by a caller that shows each)."""
+        return SolveResult(puzzle, self.shape, steps, self.check_max_steps(max_steps), bool(halting))
 
 
 def sudoku_shape(config: PuzzleTRMConfig, path: Path) -> SudokuShape:
@@ -318,7 +327,8 @@ def report(result: SolveResult, show_steps: bool = False) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m puzzles.solve", description=__doc__.split("\n\n")[0])
     p.add_argument("puzzle", help=f"the puzzle ({PUZZLE_HINT}), a file holding it, or '-' to read stdin")
-    p.add_argument("--model", default=None, help=f"Sudoku model folder (default: {DEFAULT_SOLVER})")
+    p.add_argument("--model", default=None, help="Sudoku model folder (default: the shipped solver of the puzzle's "
+                   f"size, {SHIPPED_SOLVERS[6]} or {SHIPPED_SOLVERS[9]})")
     p.add_argument("--max_steps", type=int, default=None,
                    help=f"most supervision steps (default: the trained number; up to {TEST_TIME_DEPTH}x that)")
     p.add_argument("--halt", action="store_true",
@@ -335,8 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()  # no loading chatter before the answer
     hf_logging.disable_progress_bar()
     try:
-        solver = load_solver(args.model or default_solver_path(REPO_ROOT), device=args.device)
-        result = solver.solve(read_puzzle(args.puzzle), args.max_steps, halting=args.halt)
+        text = read_puzzle(args.puzzle)
+        cells = len("".join(text.split())) if isinstance(text, str) else 0
+        solver = load_solver(args.model or default_solver_path(REPO_ROOT, size=9 if cells == 81 else 6),
+                             device=args.device)
+        result = solver.solve(text, args.max_steps, halting=args.halt)
     except (ValueError, OSError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2

@@ -520,13 +520,20 @@ def build_sudoku_extreme(output_dir: str | os.PathLike, *, train_dir: str | os.P
 
 
 def generate_puzzles(shape: SudokuShape, count: int, rng: np.random.Generator, exclude: set[str] = frozenset(),
-                     min_givens: int = 0, max_tries_factor: int = 20) -> tuple[np.ndarray, np.ndarray]:
-    """`count` distinct unique-solution puzzles whose puzzle and solution strings are both outside `exclude`."""
+                     min_givens: int = 0, max_givens: int | None = None,
+                     max_tries_factor: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """`count` distinct unique-solution puzzles whose puzzle and solution strings are both outside `exclude`.
+
+    Clue removal stops at `min_givens`, or, with `max_givens`, at a count drawn uniformly from
+    [min_givens, max_givens] per puzzle (a puzzle may end with more: removal also stops when it is minimal)."""
+    if max_givens is not None and not 0 <= min_givens <= max_givens <= shape.num_cells:
+        raise ValueError(f"need 0 <= min_givens <= max_givens <= {shape.num_cells}, got {min_givens}, {max_givens}")
     puzzles, solutions, seen = [], [], set(exclude)
     for _ in range(max_tries_factor * count):
         if len(puzzles) == count:
             break
-        puzzle, solution = generate_puzzle(shape, rng, min_givens)
+        stop = min_givens if max_givens is None else int(rng.integers(min_givens, max_givens + 1))
+        puzzle, solution = generate_puzzle(shape, rng, stop)
         keys = (format_sudoku(puzzle), format_sudoku(solution))
         if seen.intersection(keys):
             continue
@@ -540,18 +547,26 @@ def generate_puzzles(shape: SudokuShape, count: int, rng: np.random.Generator, e
 
 
 def build_generated(output_dir: str | os.PathLike, *, size: int = 6, num_train: int = 4000, num_test: int = 1000,
-                    seed: int = 0, num_aug: int = 0, min_givens: int = 0, overwrite: bool = False) -> dict:
+                    seed: int = 0, num_aug: int = 0, min_givens: int = 0, max_givens: int | None = None,
+                    extra_train: tuple[np.ndarray, np.ndarray] | None = None, overwrite: bool = False) -> dict:
     """Generated NxN set: train and test drawn from independent seeds; no test puzzle or test solution occurs in
-    train (verbatim). 4x4 has only 288 solution grids, so large 4x4 sets are impossible by this rule."""
+    train (verbatim). 4x4 has only 288 solution grids, so large 4x4 sets are impossible by this rule.
+
+    `extra_train` (puzzles, solutions), e.g. Sudoku-Extreme's training puzzles, is appended to the generated
+    training puzzles only: the test set keeps the generated clue distribution."""
     shape = SudokuShape.from_size(size)
     train_rng, test_rng, aug_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
-    train_p, train_s = generate_puzzles(shape, num_train, train_rng, min_givens=min_givens)
+    givens = dict(min_givens=min_givens, max_givens=max_givens)
+    train_p, train_s = generate_puzzles(shape, num_train, train_rng, **givens)
+    if extra_train is not None:
+        extra_p, extra_s = (np.asarray(a).reshape(-1, size, size) for a in extra_train)
+        train_p, train_s = np.concatenate([train_p, extra_p]), np.concatenate([train_s, extra_s])
     train_keys = {format_sudoku(g) for g in np.concatenate([train_p, train_s])}
-    test_p, test_s = generate_puzzles(shape, num_test, test_rng, exclude=train_keys, min_givens=min_givens)
+    test_p, test_s = generate_puzzles(shape, num_test, test_rng, exclude=train_keys, **givens)
     task = f"sudoku-{size}x{size}"
     splits = {"train": build_split(train_p, train_s, task, num_aug, aug_rng, shape),
               "test": build_split(test_p, test_s, task, shape=shape)}
     write_dataset(output_dir, splits, [BLANK_IDENTIFIER], overwrite=overwrite)
     givens = lambda p: (p != 0).reshape(len(p), -1).sum(1)  # noqa: E731
-    return {"train_puzzles": num_train, "test_puzzles": num_test,
+    return {"train_puzzles": len(train_p), "generated_train_puzzles": num_train, "test_puzzles": num_test,
             "train_mean_givens": float(givens(train_p).mean()), "test_mean_givens": float(givens(test_p).mean())}

@@ -182,6 +182,12 @@ def test_default_solver_is_the_shipped_folder_of_the_repo(tmp_path):
         solve.default_solver_path(tmp_path, flag="--puzzle_model")
     (tmp_path / "checkpoints" / "trm-sudoku6").mkdir(parents=True)
     assert solve.default_solver_path(tmp_path) == tmp_path / "checkpoints" / "trm-sudoku6"
+    with pytest.raises(FileNotFoundError, match=r"checkpoints/trm-sudoku9 does not exist"):
+        solve.default_solver_path(tmp_path, size=9)
+    (tmp_path / "checkpoints" / "trm-sudoku9").mkdir(parents=True)
+    assert solve.default_solver_path(tmp_path, size=9) == tmp_path / "checkpoints" / "trm-sudoku9"
+    with pytest.raises(ValueError, match=r"no solver is shipped for 4x4 Sudoku .* pass --model"):
+        solve.default_solver_path(tmp_path, size=4)
 
 
 # ---- the CLI ---------------------------------------------------------------------------------------------------

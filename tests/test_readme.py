@@ -5,7 +5,8 @@ chains split). Each command matches one rule below: SKIPPED (with the reason it 
 with a check of its output. A command that matches no rule fails the cheap coverage test, so the README
 cannot drift away from this file silently.
 
-The slow test runs every runnable command, as written, through bash, in README order, in a scratch copy of
+The slow test runs every runnable command, as written, through bash, in README order within two lanes that
+run side by side (the language-model training blocks, and the rest), each in its own scratch copy of
 the checkout (the files git tracks or would track, so new files count; `../shared` points at the real data
 next to the real checkout). Long commands are shrunk by one environment variable, never by editing them:
 TRM_LM_SMOKE=1 (trm_lm.training.smoke_run) caps training to 2 optimizer steps of 2 examples and evaluations
@@ -15,18 +16,19 @@ on loopback and stopped.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
 import os
 import re
-import resource
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -51,6 +53,7 @@ SERVER_START_TIMEOUT_S = 180
 class Command:
     text: str  # as written (continuations joined, trailing comment dropped); run as is by bash
     line: int  # README line where it starts
+    block: int = 0  # which ```bash block of the README it is in
 
     def words(self) -> list[str]:
         return shlex.split(self.text)
@@ -98,13 +101,13 @@ def bash_blocks(markdown: str) -> list[tuple[int, str]]:
 def parse_commands(markdown: str) -> list[Command]:
     """The commands of the ```bash blocks, in order."""
     commands = []
-    for first_line, code in bash_blocks(markdown):
+    for block, (first_line, code) in enumerate(bash_blocks(markdown)):
         line = first_line
         # bash drops backslash-newline; a continued command counts from the line it starts on
         for logical in re.split(r"(?<!\\)\n", code):
             code_line = _split_outside_quotes(logical.replace("\\\n", ""), "#")[0].strip()
             for part in _split_outside_quotes(code_line, "&&") if code_line else []:
-                commands.append(Command(part.strip(), line))
+                commands.append(Command(part.strip(), line, block))
             line += logical.count("\n") + 1
     return commands
 
@@ -369,6 +372,15 @@ def test_skips_only_what_cannot_run_here(tmp_path):
     assert (skip_reason(onnx, REPO_ROOT, data_present=False, gpus=0) is None) == onnx_installed
 
 
+def test_lanes_put_the_training_blocks_apart_and_keep_readme_order():
+    markdown = "\n".join(["```bash", "python generate/generate.py --prompt a", "```",
+                           "```bash", "python train/train_lm.py --config x.yaml", "python -m trm_lm.hub export --model m",
+                           "```", "```bash", "python app.py --port 7860", "python -m puzzles.solve 1", "```"])
+    training, rest = lanes(parse_commands(markdown))
+    assert [c.line for c in training] == [5, 6] and [c.line for c in rest] == [2, 9, 10]
+    assert lanes(parse_commands("```bash\npython app.py\n```")) == [[Command("python app.py", 2, 0)]]
+
+
 def test_every_readme_command_is_covered():
     commands = readme_commands()
     assert len(commands) >= 10, "README.md has (almost) no ```bash commands: is the parser broken?"
@@ -410,21 +422,45 @@ def command_environment(root: Path) -> dict[str, str]:
     return env
 
 
-def children_cpu_seconds() -> float:
-    """User + system time of this process's finished (waited-for) children: what a command cost the CPU."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def run_command(command: Command, root: Path, env: dict[str, str]) -> Run:
-    start, cpu = time.perf_counter(), children_cpu_seconds()
+def run_command(command: Command, root: Path, env: dict[str, str], log_dir: Path) -> Run:
+    """Run it to the end (killed after COMMAND_TIMEOUT_S); CPU time from the kernel's account of this one child
+    and what it waited for (lanes run side by side, so the process-wide children total would mix them)."""
+    out_path, err_path = log_dir / f"command-{command.line}.out", log_dir / f"command-{command.line}.err"
+    start = time.perf_counter()
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        process = subprocess.Popen(["bash", "-c", command.text], cwd=root, env=env, stdout=out, stderr=err,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    timer = threading.Timer(COMMAND_TIMEOUT_S, os.killpg, (process.pid, signal.SIGKILL))
+    timer.start()
     try:
-        done = subprocess.run(["bash", "-c", command.text], cwd=root, env=env, capture_output=True, text=True,
-                              timeout=COMMAND_TIMEOUT_S, stdin=subprocess.DEVNULL)
-        returncode, stdout, stderr = done.returncode, done.stdout, done.stderr
-    except subprocess.TimeoutExpired as timeout:
-        returncode, stdout, stderr = -1, str(timeout.stdout or ""), f"timed out after {COMMAND_TIMEOUT_S} s"
-    return Run(command, returncode, stdout, stderr, root, time.perf_counter() - start, children_cpu_seconds() - cpu)
+        _, status, usage = os.wait4(process.pid, 0)
+    finally:
+        timer.cancel()
+    process.returncode = returncode = os.waitstatus_to_exitcode(status)
+    stdout, stderr = out_path.read_text(), err_path.read_text()
+    if returncode == -signal.SIGKILL and time.perf_counter() - start >= COMMAND_TIMEOUT_S:
+        stderr += f"\n[test] timed out after {COMMAND_TIMEOUT_S} s"
+    return Run(command, returncode, stdout, stderr, root, time.perf_counter() - start,
+               usage.ru_utime + usage.ru_stime)
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system time of a running process and its descendants so far."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def port_is_free(port: int) -> bool:
@@ -443,20 +479,15 @@ def serve_and_fetch(command: Command, root: Path, env: dict[str, str], log_dir: 
     """Start the server, wait until it says it serves on loopback, fetch its page, stop it (Ctrl-C)."""
     port = int(command.flag("--port") or 7860)  # app.py's default, as the README says
     address = f"http://127.0.0.1:{port}/"
-    start, cpu = time.perf_counter(), children_cpu_seconds()
+    start, cpu = time.perf_counter(), 0.0
     if not port_is_free(port):
         return Run(command, -1, "", f"port {port} on 127.0.0.1 is taken by another process: free it and rerun "
                                     "(the README's command uses that port as written)", root, 0.0, 0.0)
     out_path, err_path = log_dir / f"server-{command.line}.out", log_dir / f"server-{command.line}.err"
-    # Ctrl-C must reach it as in a terminal, even where this test runs as a background job, whose SIGINT is
-    # ignored and would stay ignored in the server: a handled signal, unlike an ignored one, is reset by exec.
-    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with open(out_path, "w") as out, open(err_path, "w") as err:
-            server = subprocess.Popen(["bash", "-c", command.text], cwd=root, env=env, stdout=out, stderr=err,
-                                      stdin=subprocess.DEVNULL, start_new_session=True)
-    finally:
-        signal.signal(signal.SIGINT, handler)
+    # (Ctrl-C reaches it as in a terminal: the test handles SIGINT while the lanes run, see sigint_handled)
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        server = subprocess.Popen(["bash", "-c", command.text], cwd=root, env=env, stdout=out, stderr=err,
+                                  stdin=subprocess.DEVNULL, start_new_session=True)
     page, problem = None, None
     try:
         # Ready once it prints its address (it is still checking itself while the port already answers).
@@ -471,6 +502,7 @@ def serve_and_fetch(command: Command, root: Path, env: dict[str, str], log_dir: 
             with urllib.request.urlopen(address, timeout=30) as response:
                 page = response.read().decode("utf-8", "replace")
     finally:
+        cpu = tree_cpu_seconds(server.pid)
         if server.poll() is None:  # Ctrl-C, as a user stops it; the whole session in case bash forked
             os.killpg(server.pid, signal.SIGINT)
             try:
@@ -483,32 +515,73 @@ def serve_and_fetch(command: Command, root: Path, env: dict[str, str], log_dir: 
     if problem:
         stderr += f"\n[test] {problem} (waited {SERVER_START_TIMEOUT_S} s to start, 30 s to stop)"
     return Run(command, 0 if page is not None and not problem else -1, stdout, stderr, root,
-               time.perf_counter() - start, children_cpu_seconds() - cpu, page)
+               time.perf_counter() - start, cpu, page)
 
 
-@pytest.mark.slow
-def test_readme_commands_work_as_written(tmp_path):
-    commands = readme_commands()
-    uncovered = [f"line {c.line}: {c.text}" for c in commands if rule_for(c) is None]
-    assert not uncovered, f"new README command not covered: {uncovered}"
-    root = scratch_checkout(tmp_path)
+@contextlib.contextmanager
+def sigint_handled():
+    """SIGINT handled (not ignored) in this process, so that servers started meanwhile stop on Ctrl-C even where
+    this test runs as a background job, whose SIGINT is ignored and would stay ignored in them: a handled
+    signal, unlike an ignored one, is reset by exec. Only the main thread may set it, hence around the lanes."""
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
+def lanes(commands: list[Command]) -> list[list[Command]]:
+    """The commands in two lanes that run side by side, each in README order in its own copy of the checkout:
+    the ```bash blocks that train language models (they end by exporting over the shipped model, which the
+    other commands must not see half-written), and every other block (with the servers, which share a port)."""
+    training = {c.block for c in commands if re.match(r"python train/train_lm\.py\b", program(c))}
+    split = [[c for c in commands if c.block in training], [c for c in commands if c.block not in training]]
+    return [lane for lane in split if lane]
+
+
+def run_lane(lane: list[Command], lane_dir: Path, gpus: int) -> dict[Command, Run | str]:
+    """Each command of the lane: its Run, or the reason it was skipped."""
+    root = scratch_checkout(lane_dir)
     env = command_environment(root)
     # The copy, not the checkout the package is installed from, is what every command imports (from anywhere).
     origins = subprocess.run(["python", "-c", "import importlib.util as u; "
                               "print(u.find_spec('trm_lm').origin); print(u.find_spec('puzzles').origin)"],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout.split()
+                             cwd=lane_dir, env=env, capture_output=True, text=True, check=True).stdout.split()
     assert all(Path(origin).is_relative_to(root) for origin in origins), origins
+    outcomes = {}
+    for command in lane:
+        skip = skip_reason(command, root, SHARED_DATA.is_dir(), gpus)
+        if skip:
+            outcomes[command] = skip
+        elif rule_for(command).server:
+            outcomes[command] = serve_and_fetch(command, root, env, lane_dir)
+        else:
+            outcomes[command] = run_command(command, root, env, lane_dir)
+    return outcomes
+
+
+@pytest.mark.slow
+def test_readme_commands_work_as_written(tmp_path):
+    import concurrent.futures
 
     import torch
 
+    commands = readme_commands()
+    uncovered = [f"line {c.line}: {c.text}" for c in commands if rule_for(c) is None]
+    assert not uncovered, f"new README command not covered: {uncovered}"
+    assert len(set(commands)) == len(commands), "two identical commands on one README line"
+    gpus, outcomes, start = torch.cuda.device_count(), {}, time.perf_counter()
+    with sigint_handled(), concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for done in [pool.submit(run_lane, lane, tmp_path / f"lane{i}", gpus) for i, lane in enumerate(lanes(commands))]:
+            outcomes.update(done.result())
+
     failures, report, runs = [], [], []
     for command in commands:
-        rule = rule_for(command)
-        skip = skip_reason(command, root, SHARED_DATA.is_dir(), torch.cuda.device_count())
-        if skip:
-            report.append(f"SKIPPED line {command.line}: {command.text}  ({skip})")
+        outcome = outcomes[command]
+        if isinstance(outcome, str):
+            report.append(f"SKIPPED line {command.line}: {command.text}  ({outcome})")
             continue
-        run = serve_and_fetch(command, root, env, tmp_path) if rule.server else run_command(command, root, env)
+        run, rule = outcome, rule_for(command)
         runs.append(run)
         report.append(f"RUN     line {command.line}: {command.text}  ({run.seconds:.1f} s, "
                       f"CPU {run.cpu_seconds:.1f} s)")
@@ -519,7 +592,7 @@ def test_readme_commands_work_as_written(tmp_path):
             rule.check(run)
         except (AssertionError, KeyError, ValueError) as error:
             failures.append(f"wrong output ({type(error).__name__}: {error}):\n{run.describe()}")
-    report.append(f"{len(runs)} commands run: {sum(r.seconds for r in runs):.0f} s wall, "
-                  f"{sum(r.cpu_seconds for r in runs):.0f} s CPU")
+    report.append(f"{len(runs)} commands run in two lanes: {time.perf_counter() - start:.0f} s wall, "
+                  f"{sum(r.seconds for r in runs):.0f} s of commands, {sum(r.cpu_seconds for r in runs):.0f} s CPU")
     print("\n".join(report))
     assert not failures, f"{len(failures)} README command(s) do not work as written:\n\n" + "\n\n".join(failures)

@@ -69,6 +69,51 @@ def test_a_batch_gives_each_request_what_generate_gives_alone(model_and_tokenize
     assert len({tuple(r.token_ids[0]) for _, r in together}) == len(PROMPTS)
 
 
+@pytest.mark.parametrize("temperature, halt_threshold, trace_top_k", [(0.9, 0, 0), (0.9, 0.5, 0), (0.0, 0.5, 3)])
+def test_requests_arriving_mid_decode_join_the_batch_and_get_what_they_get_alone(model_and_tokenizer, temperature,
+                                                                                 halt_threshold, trace_top_k):
+    """Continuous batching: newcomers are prefilled in their own cache and merged (left-padded) into the
+    running batch; the first wave has a longer history than the batch it joins, the second a shorter one.
+    Every row still decodes exactly as generate() / model.inspect() alone."""
+    model, tokenizer = model_and_tokenizer
+    settings = [GenerationSettings(max_new_tokens=48 - 6 * i, temperature=temperature, top_p=0.9, seed=30 + i,
+                                   halt_threshold=halt_threshold) for i in range(len(PROMPTS))]
+    alone = [generate_text(model, tokenizer, p, s) for p, s in zip(PROMPTS, settings)]
+    decoder = BatchedDecoder(model, tokenizer, gather_seconds=0.0)
+    # forward pass 2 (the first request's first decoding step) and 8 wait until the test has submitted a wave
+    waves = {2: (threading.Event(), threading.Event(), [1, 3]), 8: (threading.Event(), threading.Event(), [2])}
+    passes, step = [], decoder._step
+
+    def gated_step(*args, **kwargs):
+        passes.append(1)
+        if len(passes) in waves:
+            reached, release, _ = waves[len(passes)]
+            reached.set()
+            assert release.wait(30)
+        return step(*args, **kwargs)
+
+    decoder._step = gated_step
+    try:
+        streams = {0: decoder.submit(PROMPTS[0], settings[0], trace_top_k=trace_top_k)}
+        for reached, release, members in waves.values():
+            assert reached.wait(30)
+            streams.update({i: decoder.submit(PROMPTS[i], settings[i], trace_top_k=trace_top_k) for i in members})
+            release.set()
+        results = [drain(streams[i]) for i in range(len(PROMPTS))]
+    finally:
+        decoder.close()
+    assert decoder.joined == 3 and decoder.batch_sizes == [1, 2, 1]
+    for (streamed, result), reference, prompt, s in zip(results, alone, PROMPTS, settings):
+        assert result.token_ids == reference.token_ids
+        assert streamed == result.text == reference.text
+        if trace_top_k:
+            ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(prompt)["input_ids"]])
+            expected = model.inspect(ids, top_k=trace_top_k, halt_threshold=halt_threshold,
+                                     generation_config=GenerationConfig(do_sample=False, max_new_tokens=s.max_new_tokens,
+                                                                        pad_token_id=tokenizer.pad_token_id))
+            assert_same_records(result.records, expected)
+
+
 def test_a_seeded_request_does_not_depend_on_its_batch_mates(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     mine = GenerationSettings(max_new_tokens=30, temperature=1.0, seed=7)

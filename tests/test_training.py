@@ -373,12 +373,13 @@ def test_empty_training_data_is_a_clear_error(tmp_path):
         run_training(_args(tmp_path), task)
 
 
-@pytest.mark.parametrize("script", ["train/train_lm.py", "train/train_puzzles.py"])
-def test_help_states_each_default_once(script):
+@pytest.mark.parametrize("command", ["train/train_lm.py", "train/train_puzzles.py", "generate/generate.py",
+                                     "-m puzzles.build", "-m puzzles.evaluate", "-m trm_lm.export"])
+def test_help_states_each_default_once(command):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120,
+    out = subprocess.run([sys.executable, *command.split(), "--help"], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stdout.split())

@@ -29,6 +29,8 @@ from torch import nn
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+IGNORE_INDEX = -100  # a label that no loss counts: what torch's cross-entropy and transformers' losses skip
+
 
 def rms_norm(hidden: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm without a learnable scale (official TRM), computed in float32."""

@@ -37,6 +37,7 @@ from torch import nn
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoTokenizer, DynamicCache
 from transformers.utils import logging as hf_logging
 
+from .cli import HelpFormatter
 from .generation import check_model_dir, load_model_and_tokenizer, one_line
 
 QUANT_METHOD = "trm_lm_int8"
@@ -269,7 +270,7 @@ def compare_with_pytorch(model, tokenizer, onnx_path, new_tokens: int, prompt: s
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="model folder (save_pretrained output) or Hub id")
     parser.add_argument("--format", required=True, choices=["int8", "onnx"])
     parser.add_argument("--output", required=True, help="a new (or empty) folder")

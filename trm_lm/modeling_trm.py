@@ -34,7 +34,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_trm import TRMConfig
-from .core import RecursionCache, SelfAttention, TRMCore, init_trm_weights
+from .core import IGNORE_INDEX, RecursionCache, SelfAttention, TRMCore, init_trm_weights
 
 _FROM_CONFIG = "config"  # halt_threshold default: use config.halt_threshold
 
@@ -435,8 +435,8 @@ class TRMForCausalLM(TRMPreTrainedModel, GenerationMixin):
             return ce
         targets = kwargs.get("shift_labels")  # (B, T): position t's target, as the library's loss reads it
         if targets is None:  # position t predicts token t + 1; the last position has no target
-            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-        valid = targets != -100
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        valid = targets != IGNORE_INDEX
         with torch.no_grad():
             correct = (logits.argmax(-1) == targets).float()  # per token, not batch-mean
         bce = F.binary_cross_entropy_with_logits(halt_logits, correct, reduction="none")

@@ -11,7 +11,9 @@ are decoded together: the thread takes every request waiting (up to `max_batch_s
 forward pass per new token for the whole batch. A forward pass of a tiny model costs nearly the same
 for 16 rows as for one, so throughput grows with the number of users while each one's latency barely
 does (benchmarks/app_load.py). Rows leave the batch as they finish (EOS, max_new_tokens, or the reader
-went away); requests that arrive meanwhile form the next batch.
+went away); requests that arrive meanwhile join it between two forward passes (continuous batching): their
+prompts are run through the model in their own cache, which is then left-padded and concatenated to the
+batch's, so a user never waits for strangers' stories to end.
 
 Same tokens as `generate()`: each row samples with its own torch.Generator seeded by the request's seed,
 after transformers' own logits processors in generate()'s order, so a seeded request gives the same
@@ -137,8 +139,11 @@ class BatchedDecoder:
         self.pad_token_id = padding_id(tokenizer)
         self.eos_token_id = tokenizer.eos_token_id
         self.batch_sizes: list[int] = []  # every batch decoded so far, for benchmarks and tests
+        self.joined = 0  # requests that joined a batch already decoding
         self._queue: queue.Queue = queue.Queue()
-        self._closed = False
+        self._set_aside: list[_Request] = []  # taken from the queue, waiting for a batch with their controls
+        self._in_flight: list[_Request] = []  # being decoded: the ones an error in decoding must reach
+        self._closed = self._closing = False
         self._thread = threading.Thread(target=self._serve, name="trm-lm-batched-decoder", daemon=True)
         self._thread.start()
 
@@ -185,94 +190,180 @@ class BatchedDecoder:
         return _result(self.tokenizer, request.encoded, [request.token_ids], request.records)
 
     def close(self, timeout: float | None = 10.0) -> None:
-        """Stop the thread after the batch in progress; requests still queued end with an error."""
+        """Stop the thread after the batch in progress (it takes no newcomers once it has seen the close);
+        requests still waiting end with an error."""
         self._closed = True
         self._queue.put(_CLOSE)
         self._thread.join(timeout)
 
     # ----- the decoding thread -------------------------------------------------------------------------
-    def _serve(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is _CLOSE:
-                break
-            batch, closing = [first], False
-            deadline = time.monotonic() + self.gather_seconds
-            while len(batch) < self.max_batch_size:
-                try:
-                    request = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if request is _CLOSE:
-                    closing = True
-                    break
-                batch.append(request)
-            groups: dict[tuple, list[_Request]] = {}
-            for request in batch:
-                groups.setdefault(request.batch_key, []).append(request)
-            for group in groups.values():
-                try:
-                    self._decode(group)
-                except BaseException as error:  # handed to every reader of the batch, who re-raises it
-                    for request in group:
-                        if not request.finished.is_set():
-                            request.finish(error)
-            if closing:
-                break
-        while True:  # fail what is still queued instead of leaving its reader waiting forever
+    def _take(self, key: tuple | None, limit: int, wait: float) -> list[_Request]:
+        """Up to `limit` requests with batch key `key` (None: any key, the first one's), from those set aside
+        and then from the queue, waiting at most `wait` seconds for more; the others are set aside in order."""
+        taken, kept = [], []
+        for request in self._set_aside:
+            if len(taken) < limit and (key is None or request.batch_key == key):
+                key = request.batch_key
+                taken.append(request)
+            else:
+                kept.append(request)
+        self._set_aside = kept
+        deadline = time.monotonic() + wait
+        while len(taken) < limit and not self._closing:
             try:
-                request = self._queue.get_nowait()
+                request = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                return
+                break
+            if request is _CLOSE:
+                self._closing = True
+            elif key is None or request.batch_key == key:
+                key = request.batch_key
+                taken.append(request)
+            else:
+                self._set_aside.append(request)
+        return taken
+
+    def _serve(self) -> None:
+        while not self._closing:
+            if not self._set_aside:  # sleep until someone submits
+                first = self._queue.get()
+                if first is _CLOSE:
+                    break
+                self._set_aside.append(first)
+            rows = self._take(None, self.max_batch_size, self.gather_seconds)
+            try:
+                self._decode(rows)
+            except BaseException as error:  # handed to every reader of the batch, who re-raises it
+                for request in self._in_flight:
+                    if not request.finished.is_set():
+                        request.finish(error)
+            self._in_flight = []
+        # fail what is still waiting instead of leaving its reader waiting forever
+        waiting = self._set_aside
+        while True:
+            try:
+                waiting.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        for request in waiting:
             if request is not _CLOSE:
                 request.finish(RuntimeError("the decoder was closed before this request ran"))
 
     @torch.no_grad()
     def _decode(self, rows: list[_Request]) -> None:
-        """Decode `rows` together until each has finished: one forward pass per new token for all of them."""
+        """Decode `rows` together until each has finished: one forward pass per new token for all of them.
+        Requests with the same controls that arrive meanwhile join the batch between two forward passes
+        (continuous batching), so nobody waits for a whole batch to finish."""
+        key = rows[0].batch_key
+        batch = self._prefill(rows)
+        while batch is not None:
+            room = self.max_batch_size - len(batch.rows)
+            newcomers = self._take(key, room, 0.0) if room > 0 else []
+            if newcomers:
+                self.joined += len(newcomers)
+                joined = self._prefill(newcomers)
+                if joined is not None:
+                    batch = batch.merge(joined)
+            batch = self._step(batch)
+
+    def _prefill(self, rows: list[_Request]) -> _Batch | None:
+        """The prompts of `rows` through the model in one left-padded batch with a new cache; their first tokens
+        sampled. Returns the rows still going, ready for the next step (None when all finished)."""
         device = self.model.device
+        self.batch_sizes.append(len(rows))
+        self._in_flight.extend(rows)
+        for row in rows:
+            row.records = [] if row.trace_top_k else None
         # left padding: every row's next token is read from the last column
         input_ids, attention_mask = left_pad([row.encoded.input_ids[0] for row in rows], self.pad_token_id)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # each row counts from its own first token
-        input_ids, attention_mask, position_ids = input_ids.to(device), attention_mask.to(device), position_ids.to(device)
-        cache = DynamicCache(config=self.model.config)
-        self.batch_sizes.append(len(rows))
-        for row in rows:
-            row.records = [] if row.trace_top_k else None
-        while True:
-            # The depth view's records come from the decoding itself: each step's top-k for the next token.
-            trace_top_k = max(row.trace_top_k for row in rows)
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=True, logits_to_keep=1, output_step_topk=trace_top_k,
-                             **{CACHE_FIELD: cache}, **rows[0].controls)
-            logits = out.logits[:, -1].to(dtype=torch.float32)  # (B, V)
-            keep, next_ids, done = [], [], []
-            for i, row in enumerate(rows):
-                token = row.next_token(logits[i:i + 1])
-                if row.trace_top_k:
-                    row.records.append(step_record(out, i, row.trace_top_k, token,
-                                                   row.encoded.input_ids.shape[1] + len(row.token_ids)))
-                row.token_ids.append(token)
-                row.streamer.put(torch.tensor([token]))
-                if token == self.eos_token_id or len(row.token_ids) >= row.settings.max_new_tokens \
-                        or row.reader_gone.is_set():
-                    done.append(row)
-                else:
-                    keep.append(i)
-                    next_ids.append(token)
-            for row in done:
-                row.finish()
-            if not keep:
-                return
-            last_position = position_ids[:, -1]
-            if len(keep) < len(rows):  # finished rows leave the batch and the cache
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                attention_mask, last_position = attention_mask[index], last_position[index]
-                rows = [rows[i] for i in keep]
-            input_ids = torch.tensor(next_ids, dtype=torch.long, device=device).unsqueeze(1)  # (B, 1)
-            position_ids = (last_position + 1).unsqueeze(1)
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
+        batch = _Batch(rows, DynamicCache(config=self.model.config), attention_mask.to(device),
+                       position_ids[:, -1].to(device), input_ids.to(device))
+        return self._step(batch, position_ids.to(device))
+
+    def _step(self, batch: _Batch, position_ids: torch.Tensor | None = None) -> _Batch | None:
+        """One forward pass for every row of `batch` (its pending input column, or the prompts at prefill with
+        `position_ids`), one sampled token per row, finished rows dropped."""
+        rows = batch.rows
+        if position_ids is None:
+            position_ids = batch.last_position.unsqueeze(1)
+        # The depth view's records come from the decoding itself: each step's top-k for the next token.
+        trace_top_k = max(row.trace_top_k for row in rows)
+        out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
+                         use_cache=True, logits_to_keep=1, output_step_topk=trace_top_k,
+                         **{CACHE_FIELD: batch.cache}, **rows[0].controls)
+        logits = out.logits[:, -1].to(dtype=torch.float32)  # (B, V)
+        keep, next_ids, done = [], [], []
+        for i, row in enumerate(rows):
+            token = row.next_token(logits[i:i + 1])
+            if row.trace_top_k:
+                row.records.append(step_record(out, i, row.trace_top_k, token,
+                                               row.encoded.input_ids.shape[1] + len(row.token_ids)))
+            row.token_ids.append(token)
+            row.streamer.put(torch.tensor([token]))
+            if token == self.eos_token_id or len(row.token_ids) >= row.settings.max_new_tokens \
+                    or row.reader_gone.is_set():
+                done.append(row)
+            else:
+                keep.append(i)
+                next_ids.append(token)
+        for row in done:
+            row.finish()
+            self._in_flight.remove(row)
+        if not keep:
+            return None
+        if len(keep) < len(rows):  # finished rows leave the batch and the cache
+            batch = batch.select(keep)
+        batch.input_ids = torch.tensor(next_ids, dtype=torch.long, device=batch.input_ids.device).unsqueeze(1)
+        batch.last_position = batch.last_position + 1
+        batch.attention_mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones((len(keep), 1))], 1)
+        return batch
+
+
+@dataclass(eq=False)
+class _Batch:
+    """Rows decoded together, between two forward passes: the cache holds every column of `attention_mask`
+    but the last, `input_ids` (B, 1) is that last column (the prompts at prefill), `last_position` (B,) its
+    position per row."""
+
+    rows: list[_Request]
+    cache: DynamicCache
+    attention_mask: torch.Tensor  # (B, K + 1), 0 = left padding
+    last_position: torch.Tensor  # (B,)
+    input_ids: torch.Tensor  # (B, 1)
+
+    def select(self, keep: list[int]) -> _Batch:
+        index = torch.tensor(keep, device=self.attention_mask.device)
+        self.cache.batch_select_indices(index)
+        return _Batch([self.rows[i] for i in keep], self.cache, self.attention_mask[index],
+                      self.last_position[index], self.input_ids[index])
+
+    def merge(self, other: _Batch) -> _Batch:
+        """One batch of both: the shorter history is left-padded (zero K/V under a 0 mask, exactly what a
+        left-padded prompt is), every cache slot concatenated along the batch."""
+        width = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
+        if len(self.cache.layers) != len(other.cache.layers):
+            raise RuntimeError(f"cannot merge caches with {len(self.cache.layers)} and {len(other.cache.layers)} "
+                               "slots (the same controls fill the same slots)")
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            for name in ("keys", "values"):
+                a, b = getattr(mine, name), getattr(theirs, name)  # (B, H, K, D)
+                setattr(mine, name, torch.cat([_left_pad_columns(a, width - 1, dim=2),
+                                               _left_pad_columns(b, width - 1, dim=2)], dim=0))
+        mask = torch.cat([_left_pad_columns(self.attention_mask, width, dim=1),
+                          _left_pad_columns(other.attention_mask, width, dim=1)], dim=0)
+        return _Batch(self.rows + other.rows, self.cache, mask, torch.cat([self.last_position, other.last_position]),
+                      torch.cat([self.input_ids, other.input_ids]))
+
+
+def _left_pad_columns(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """`tensor` with zeros prepended along `dim` up to `width`."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 __all__ = ["BatchedDecoder", "left_pad", "logits_processors"]

@@ -64,6 +64,7 @@ from transformers import HfArgumentParser, default_data_collator, get_scheduler
 from .checkpointing import (CHECKPOINT_MARKER, CHECKPOINTS_DIR, find_latest_checkpoint, list_checkpoints,  # noqa: F401
                             load_checkpoint, remove_partial_checkpoints, resolve_checkpoint, save_checkpoint,
                             validate_checkpoint)
+from .cli import HelpFormatter
 from .model_card import render_model_card
 
 logger = logging.getLogger(__name__)
@@ -164,16 +165,6 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
     return values
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default unless it is None or the help text already says what the default is."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default is None or "default" in text.lower():
-            return text
-        return super()._get_help_string(action)
-
-
 def parse_args(dataclass_types: list[type], argv: list[str] | None = None,
                smoke_limits: dict[str, int] | None = None) -> tuple:
     """Parse command-line flags into instances of `dataclass_types` (HfArgumentParser).
@@ -187,7 +178,7 @@ def parse_args(dataclass_types: list[type], argv: list[str] | None = None,
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
 
-    parser = HfArgumentParser(dataclass_types, formatter_class=_HelpFormatter,
+    parser = HfArgumentParser(dataclass_types, formatter_class=HelpFormatter,
                               epilog=f"{SMOKE_ENV}=1 in the environment: a smoke run that only checks the command "
                                      "works (at most 2 optimizer steps of 2 examples, tiny evaluations), never a "
                                      "real one.")
