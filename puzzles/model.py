@@ -29,7 +29,11 @@ halt_loss_weight * BCE(q_halt, whole grid correct). Cross-entropy is softmax or 
 from __future__ import annotations
 
 import math
+import re
+import shutil
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +49,8 @@ from trm_lm.modeling_trm import TRMPreTrainedModel
 _LOSS_TYPES = ("softmax", "stablemax")
 _RECURSIONS = ("trm", "direct")
 DATA_KEYS = ("inputs", "labels", "puzzle_identifiers")  # what a batch (PuzzleExampleDataset) holds
+REMOTE_CODE_MODULE = "modeling_trm_puzzle"  # this file, as saved next to the weights
+REMOTE_CODE_DEPENDENCIES = ("configuration_trm.py", "core.py", "modeling_trm.py")  # the trm_lm files it imports
 
 
 class PuzzleTRMConfig(TRMConfig):
@@ -55,7 +61,7 @@ class PuzzleTRMConfig(TRMConfig):
     """
 
     model_type = "trm_puzzle"
-    _auto_class = None  # not remote code: do not inherit TRMConfig's register_for_auto_class
+    _auto_class = None  # not via register_for_auto_class: save_pretrained writes its own remote code (write_remote_code)
 
     vocab_size: int = 11
     hidden_size: int = 512
@@ -198,6 +204,14 @@ class TRMPuzzleModel(TRMPreTrainedModel):
         self.register_buffer("position_ids", torch.arange(config.sequence_length)[None], persistent=False)
         self.post_init()
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """save_pretrained, plus the remote code (`write_remote_code`) that config.json's auto_map names."""
+        self.config.auto_map = {"AutoConfig": f"{REMOTE_CODE_MODULE}.PuzzleTRMConfig",
+                                "AutoModel": f"{REMOTE_CODE_MODULE}.TRMPuzzleModel"}
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_remote_code(save_directory)
+
     def _init_weights(self, module):
         if isinstance(module, PuzzleEmbedding):
             init.zeros_(module.weight)
@@ -334,6 +348,20 @@ class TRMPuzzleModel(TRMPreTrainedModel):
             q_halt.append(out.q_halt_logits.float())
         self.train(was_training)
         return torch.stack(preds), torch.stack(q_halt)
+
+
+def write_remote_code(folder: str | Path) -> None:
+    """The modeling code next to saved weights, as the LM ships it: this file as `modeling_trm_puzzle.py` with its
+    `trm_lm` imports made relative, beside trm_lm's configuration_trm.py, core.py and modeling_trm.py, so that
+    `AutoModel.from_pretrained(folder, trust_remote_code=True)` runs without this package installed."""
+    # trm_lm's folder, or for a remote copy its own folder (the dependencies lie beside it)
+    folder, sources = Path(folder), Path(sys.modules[TRMConfig.__module__].__file__).resolve().parent
+    for name in REMOTE_CODE_DEPENDENCIES:
+        if (sources / name).resolve() != (folder / name).resolve():
+            shutil.copyfile(sources / name, folder / name)
+    source = re.sub(r"^from trm_lm\.(\w+) import ", r"from .\1 import ", Path(__file__).read_text(encoding="utf-8"),
+                    flags=re.M)
+    (folder / f"{REMOTE_CODE_MODULE}.py").write_text(source, encoding="utf-8")
 
 
 AutoConfig.register(PuzzleTRMConfig.model_type, PuzzleTRMConfig, exist_ok=True)

@@ -1,7 +1,9 @@
 """The grid-puzzle model (puzzles/model.py): stablemax, the persistent carry, halting, save/load, the direct
 baseline, and the scoring path of puzzles/evaluate.py with a perfect and an imperfect predictor."""
 
+import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -210,7 +212,9 @@ def test_save_and_load_round_trip(tmp_path):
     with torch.no_grad():
         model.puzzle_emb.weight.normal_()
     model.save_pretrained(tmp_path)
-    assert (tmp_path / "model.safetensors").is_file() and not list(tmp_path.glob("*.py"))
+    assert (tmp_path / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.glob("*.py")) == \
+        ["configuration_trm.py", "core.py", "modeling_trm.py", "modeling_trm_puzzle.py"]  # remote code, as the LM
     loaded = AutoModel.from_pretrained(tmp_path)
     assert isinstance(loaded, TRMPuzzleModel) and loaded.config.mixer == "mlp"
     batch = random_batch(3, seed=6)
@@ -249,3 +253,51 @@ def test_a_predictor_returning_the_labels_scores_exactly_one_and_a_wrong_cell_co
     assert result["exact_accuracy"] == pytest.approx(9 / 12)  # 3 batches, one wrong row each
     assert result["cell_accuracy"] == pytest.approx(1 - 3 / (12 * 16))
     assert result["blank_cell_accuracy"] < 1.0 and result["halting"]["halt_accuracy"] == pytest.approx(3 / 12)
+
+
+def test_saved_folder_loads_as_remote_code_without_the_packages(tmp_path):
+    """Like the LM: save_pretrained writes the modeling code beside the weights (auto_map in config.json), and
+    a process that cannot import trm_lm or puzzles loads it with trust_remote_code and predicts the same."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from fixtures_model import WITHOUT_TRM_LM, build_tiny_solver
+
+    from puzzles.model import REMOTE_CODE_DEPENDENCIES, REMOTE_CODE_MODULE, TRMPuzzleModel
+
+    folder = build_tiny_solver(tmp_path / "solver")
+    model = TRMPuzzleModel.from_pretrained(folder).eval()
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    assert json.loads((saved / "config.json").read_text())["auto_map"]["AutoModel"] == \
+        f"{REMOTE_CODE_MODULE}.TRMPuzzleModel"
+    for name in (*REMOTE_CODE_DEPENDENCIES, f"{REMOTE_CODE_MODULE}.py"):
+        assert (saved / name).is_file(), name
+    assert not re.search(r"^from trm_lm", (saved / f"{REMOTE_CODE_MODULE}.py").read_text(), flags=re.M)
+    assert isinstance(AutoModel.from_pretrained(saved), TRMPuzzleModel)  # locally: the package's class, no question
+
+    inputs = torch.randint(2, 8, (3, 36))
+    batch = {"inputs": inputs, "puzzle_identifiers": torch.zeros(3, dtype=torch.long)}
+    expected, _ = model.predict(batch)
+    torch.save({"batch": batch, "expected": expected}, tmp_path / "expected.pt")
+    script = WITHOUT_TRM_LM + textwrap.dedent(f"""
+        sys.modules["puzzles"] = None
+        import torch
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(saved)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        data = torch.load({str(tmp_path / "expected.pt")!r})
+        preds, _ = model.predict(data["batch"])
+        assert torch.equal(preds, data["expected"])
+        model.save_pretrained({str(tmp_path / "again")!r})  # the remote copy saves itself as remote code too
+        print("REMOTE-OK")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
+    for name in (*REMOTE_CODE_DEPENDENCIES, f"{REMOTE_CODE_MODULE}.py"):
+        assert (tmp_path / "again" / name).read_bytes() == (saved / name).read_bytes(), name

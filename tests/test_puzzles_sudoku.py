@@ -216,6 +216,41 @@ def test_build_generated_and_dataset(tmp_path):
     assert not np.array_equal(grids.load_split(tmp_path / "other", "test").inputs, test.inputs)
 
 
+def test_clue_ranges_and_extra_training_puzzles(tmp_path):
+    shape = SudokuShape.from_size(9)
+    puzzles, solutions = sudoku.generate_puzzles(shape, 24, np.random.default_rng(0), min_givens=30, max_givens=40)
+    givens = (puzzles != 0).reshape(24, -1).sum(1)
+    assert givens.min() >= 30 and givens.max() <= 40 and len(set(givens.tolist())) > 3  # drawn per puzzle
+    assert all(np.array_equal(sudoku.solve_unique(p), s) for p, s in zip(puzzles, solutions))
+    with pytest.raises(ValueError, match="min_givens <= max_givens"):
+        sudoku.generate_puzzles(shape, 1, np.random.default_rng(0), min_givens=41, max_givens=40)
+
+    # extra puzzles (here: the first 5 of Sudoku-Extreme's kind, taken from a generated set) join train only
+    extra_p, extra_s = sudoku.generate_puzzles(shape, 5, np.random.default_rng(7))
+    stats = sudoku.build_generated(tmp_path / "g9", size=9, num_train=10, num_test=6, min_givens=34, max_givens=40,
+                                   extra_train=(extra_p, extra_s))
+    train, test = grids.load_split(tmp_path / "g9", "train"), grids.load_split(tmp_path / "g9", "test")
+    assert (stats["train_puzzles"], stats["generated_train_puzzles"], train.num_examples) == (15, 10, 15)
+    assert np.array_equal(sudoku.from_tokens(train.inputs[10:]), extra_p)
+    test_givens = (sudoku.from_tokens(test.inputs) != 0).reshape(6, -1).sum(1)
+    assert test_givens.min() >= 34 and test.num_examples == 6  # the test keeps the generated clue range
+    extra_keys = {sudoku.format_sudoku(p) for p in extra_p}
+    assert extra_keys.isdisjoint(sudoku.format_sudoku(p) for p in sudoku.from_tokens(test.inputs))
+
+
+def test_build_cli_adds_sudoku_extreme_to_9x9_only(tmp_path):
+    from puzzles import build
+
+    with pytest.raises(SystemExit, match="--add_extreme needs --size 9"):
+        build.main(["--task", "sudoku-gen", "--size", "6", "--add_extreme", "--output_dir", str(tmp_path / "x")])
+    if not sudoku.SUDOKU_EXTREME_DIR.is_dir():
+        pytest.skip(f"{sudoku.SUDOKU_EXTREME_DIR} is absent (the shared data folder next to the checkout)")
+    stats = build.main(["--task", "sudoku-gen", "--size", "9", "--num_train", "4", "--num_test", "2",
+                        "--min_givens", "36", "--max_givens", "40", "--add_extreme", "--output_dir", str(tmp_path / "y")])
+    extreme, _ = sudoku.load_hrm_sudoku(sudoku.SUDOKU_EXTREME_DIR, "train")
+    assert stats["train_puzzles"] == 4 + len(extreme) and stats["test_puzzles"] == 2
+
+
 def test_format_writer_and_reader_checks(tmp_path):
     builder = grids.SplitBuilder("toy", (2, 2), vocab_size=4)
     builder.add_group([(1, np.array([[1, 2, 3, 0]]), np.array([[1, 2, 3, 3]])),
