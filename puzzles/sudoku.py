@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .grids import BLANK_IDENTIFIER, DEFAULT_DATA_ROOT, PuzzleSplit, SplitBuilder, load_hrm_arrays, write_dataset
 
@@ -448,7 +449,7 @@ def solve_collection(puzzle_strings: Iterable[str], where: str,
     puzzles, solutions = [], []
     stats = {"read": 0, "kept": 0, "not_unique": 0, "excluded": 0, "duplicates": 0}
     seen: set[str] = set()
-    for i, text in enumerate(puzzle_strings):
+    for i, text in enumerate(tqdm(puzzle_strings, desc=f"solving {Path(where).name}", unit="puzzle", disable=None)):
         stats["read"] += 1
         try:
             puzzle = parse_sudoku(text)
@@ -529,6 +530,7 @@ def generate_puzzles(shape: SudokuShape, count: int, rng: np.random.Generator, e
     if max_givens is not None and not 0 <= min_givens <= max_givens <= shape.num_cells:
         raise ValueError(f"need 0 <= min_givens <= max_givens <= {shape.num_cells}, got {min_givens}, {max_givens}")
     puzzles, solutions, seen = [], [], set(exclude)
+    progress = tqdm(total=count, desc=f"generating {shape.size}x{shape.size} puzzles", unit="puzzle", disable=None)
     for _ in range(max_tries_factor * count):
         if len(puzzles) == count:
             break
@@ -540,6 +542,8 @@ def generate_puzzles(shape: SudokuShape, count: int, rng: np.random.Generator, e
         seen.update(keys)
         puzzles.append(puzzle)
         solutions.append(solution)
+        progress.update()
+    progress.close()
     if len(puzzles) < count:
         raise ValueError(f"could only generate {len(puzzles)} of {count} distinct {shape.size}x{shape.size} puzzles "
                          f"(the board has too few solution grids for this many)")
