@@ -130,6 +130,26 @@ def test_stop_keeps_the_story_and_says_it_stopped(browser, app, monkeypatch):
     assert not errors, [e.text for e in errors]
 
 
+def test_a_typed_value_outside_a_sliders_range_is_reported(browser, app):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    app_url, _, _ = app
+    browser.get(app_url)
+    wait = WebDriverWait(browser, 60)
+    box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#max-new-tokens input[type=number]"))
+    high = box.get_attribute("max")
+    box.clear()
+    box.send_keys("5000", Keys.TAB)
+    note = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#range-note").text or None)
+    assert note == f"Max new tokens: 5000 is outside 1 to {high}, so {high} is used."
+    assert box.get_attribute("value") == high  # the slider's own clamping, now said out loud
+    box.clear()
+    box.send_keys("7", Keys.TAB)  # a value in range clears the note
+    wait.until(lambda d: not d.find_element(By.CSS_SELECTOR, "#range-note").text)
+
+
 @pytest.fixture(scope="module")
 def puzzle_app(tiny_model_dir, tiny_solver_dir):  # noqa: F811
     solver = load_solver(tiny_solver_dir)
