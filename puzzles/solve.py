@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     try:
         text = read_puzzle(args.puzzle)
-        cells = len("".join(text.split())) if isinstance(text, str) else 0
+        cells = len("".join(text.split()))  # read_puzzle gives text; parse() checks it once the solver is chosen
         solver = load_solver(args.model or default_solver_path(REPO_ROOT, size=9 if cells == 81 else 6),
                              device=args.device)
         result = solver.solve(text, args.max_steps, halting=args.halt)

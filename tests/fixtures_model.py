@@ -17,7 +17,10 @@ Also here: `load_script` (import generate/generate.py or app.py as a module) and
 
 import importlib.util
 import json
+import os
 import socket
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -116,6 +119,15 @@ except ImportError:
 else:
     raise AssertionError("trm_lm must not be importable here")
 """
+
+
+def run_isolated(script: str, tmp_path: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `script` as a fresh user would: `python -I` (neither the cwd nor PYTHONPATH on sys.path) from `tmp_path`
+    (the repository invisible), no stdin, with its own transformers remote-code module cache."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    return subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def load_script(relative_path: str):

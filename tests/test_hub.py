@@ -5,17 +5,14 @@ generates here.
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from unittest import mock
 
 import huggingface_hub.constants
 import pytest
 import torch
-from fixtures_model import WITHOUT_TRM_LM, tiny_model_dir  # noqa: F401
+from fixtures_model import WITHOUT_TRM_LM, run_isolated, tiny_model_dir  # noqa: F401
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 from transformers import AutoModelForCausalLM
 
@@ -111,10 +108,7 @@ torch.manual_seed(0)
 out = model.generate(torch.tensor([{prompt_ids}]), **{generate!r})
 print(json.dumps({{"module": type(model).__module__, "tokens": out[0].tolist()}}))
 """
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    done = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=180)
+    done = run_isolated(script, tmp_path, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["module"].startswith("transformers_modules.")  # the uploaded code, not an installed package
@@ -130,10 +124,7 @@ def test_the_model_cards_usage_runs_as_written_without_a_question(pushed, tmp_pa
     code = re.search(r"```python\n(.*?)```", card, flags=re.DOTALL).group(1)
     assert "trust_remote_code=True" in code.split("AutoTokenizer.from_pretrained")[1].splitlines()[0]
     code = code.replace(f'"{REPO_ID}"', repr(str(pushed.received)))
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    done = subprocess.run([sys.executable, "-I", "-c", WITHOUT_TRM_LM + code], cwd=tmp_path, env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180)
+    done = run_isolated(WITHOUT_TRM_LM + code, tmp_path, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[y/N]" not in done.stdout + done.stderr and "custom code" not in done.stdout + done.stderr
     assert done.stdout.strip()

@@ -3,8 +3,6 @@
 import json
 import math
 import os
-import subprocess
-import sys
 import textwrap
 import warnings
 
@@ -12,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, StaticCache
 
-from fixtures_model import WITHOUT_TRM_LM
+from fixtures_model import WITHOUT_TRM_LM, run_isolated
 from trm_lm import TRMConfig, TRMForCausalLM
 from trm_lm.modeling_trm import CACHE_FIELD
 
@@ -461,11 +459,7 @@ def test_trust_remote_code_load_in_clean_process(tmp_path):
         assert out.shape[1] == 16
         print("REMOTE-OK")
     """)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    # -I: isolated mode, neither the cwd nor PYTHONPATH is on sys.path; run from tmp so the repo is invisible
-    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = run_isolated(script, tmp_path)
     assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
 
 

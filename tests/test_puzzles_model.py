@@ -258,12 +258,9 @@ def test_a_predictor_returning_the_labels_scores_exactly_one_and_a_wrong_cell_co
 def test_saved_folder_loads_as_remote_code_without_the_packages(tmp_path):
     """Like the LM: save_pretrained writes the modeling code beside the weights (auto_map in config.json), and
     a process that cannot import trm_lm or puzzles loads it with trust_remote_code and predicts the same."""
-    import os
-    import subprocess
-    import sys
     import textwrap
 
-    from fixtures_model import WITHOUT_TRM_LM, build_tiny_solver
+    from fixtures_model import WITHOUT_TRM_LM, build_tiny_solver, run_isolated
 
     from puzzles.model import REMOTE_CODE_DEPENDENCIES, REMOTE_CODE_MODULE, TRMPuzzleModel
 
@@ -294,10 +291,7 @@ def test_saved_folder_loads_as_remote_code_without_the_packages(tmp_path):
         model.save_pretrained({str(tmp_path / "again")!r})  # the remote copy saves itself as remote code too
         print("REMOTE-OK")
     """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = run_isolated(script, tmp_path)
     assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
     for name in (*REMOTE_CODE_DEPENDENCIES, f"{REMOTE_CODE_MODULE}.py"):
         assert (tmp_path / "again" / name).read_bytes() == (saved / name).read_bytes(), name

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModel
 
 from puzzles import solve, sudoku
-from puzzles.model import TRMPuzzleModel
+from puzzles.model import TRMPuzzleModel, write_remote_code
 
 REPO = Path(__file__).resolve().parents[1]
 # How each solver's held-out boards are built (`python -m puzzles.build --task sudoku-gen`, default seed 0; the
@@ -27,6 +27,14 @@ def shipped(request):
     if not (path / "config.json").is_file():
         pytest.skip(f"{path} is absent: the shipped {size}x{size} Sudoku solver is not in this checkout")
     return size, path, TRMPuzzleModel.from_pretrained(path).eval()
+
+
+def test_shipped_remote_code_is_what_save_pretrained_writes_now(shipped, tmp_path):
+    """The modeling files beside the weights are the package's, as `write_remote_code` writes them today."""
+    _, path, _ = shipped
+    write_remote_code(tmp_path)
+    for written in sorted(tmp_path.glob("*.py")):
+        assert (path / written.name).read_bytes() == written.read_bytes(), f"{path / written.name} is stale: re-save"
 
 
 def held_out_boards(size: int, count: int) -> tuple[np.ndarray, np.ndarray]:
