@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--size", type=int, default=6, help="board side: 4 (2x2 boxes), 6 (2x3), 9 (3x3), ...")
     g.add_argument("--num_train", type=int, default=4000)
     g.add_argument("--num_test", type=int, default=1000)
+    g.add_argument("--num_val", type=int, default=0,
+                   help="also write a 'val' split (test distribution, disjoint from train and test) for checkpoint "
+                        "selection: train with --eval_split val")
     g.add_argument("--min_givens", type=int, default=0, help="stop removing clues at this many (0: minimal puzzles)")
     g.add_argument("--max_givens", type=int, default=None,
                    help="with it, each puzzle stops at a clue count drawn uniformly from [min_givens, max_givens]")
@@ -94,7 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
             extra = sudoku.load_hrm_sudoku(args.train_dir, "train")
         stats = sudoku.build_generated(args.output_dir, size=args.size, num_train=args.num_train, num_test=args.num_test,
                                        seed=seed, num_aug=num_aug, min_givens=args.min_givens,
-                                       max_givens=args.max_givens, extra_train=extra, **common)
+                                       max_givens=args.max_givens, extra_train=extra,
+                                       num_val=args.num_val, **common)
     elif args.task == "maze":
         if num_aug:
             raise SystemExit("maze augmentation is the fixed 8 dihedral versions: use --aug, not --num_aug")

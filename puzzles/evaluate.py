@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Subset
 from trm_lm.cli import HelpFormatter
 
 from . import arc, maze, metrics
-from .grids import PuzzleExampleDataset, PuzzleMetadata, load_identifiers, load_split
+from .grids import SPLITS, PuzzleExampleDataset, PuzzleMetadata, load_identifiers, load_split
 from .sudoku import BLANK_TOKEN
 
 TASKS = ("sudoku", "maze", "arc1", "arc2")
@@ -214,7 +214,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="folder written by train/train_puzzles.py (save_pretrained)")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data_dir", required=True, help="dataset folder built by `python -m puzzles.build`")
-    p.add_argument("--split", default="test", choices=("train", "test"))
+    p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--max_examples", type=int, default=None, help="evaluate the first N rows only")
     p.add_argument("--num_steps", type=int, default=None, help="supervision steps per row (default: the model's)")

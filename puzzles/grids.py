@@ -34,7 +34,7 @@ DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "dat
 
 SET_NAME = "all"  # the official format allows several sets per split; every builder uses one
 ARRAY_NAMES = ("inputs", "labels", "puzzle_identifiers", "puzzle_indices", "group_indices")
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "val")  # val: optional, for checkpoint selection
 BLANK_IDENTIFIER = "<blank>"
 # Folders written by the official builders carry no `task`; (vocab_size, seq_len) says which builder wrote them.
 OFFICIAL_TASKS = {(11, 81): "sudoku-extreme", (6, 900): "maze", (12, 900): "arc"}

@@ -552,14 +552,19 @@ def generate_puzzles(shape: SudokuShape, count: int, rng: np.random.Generator, e
 
 def build_generated(output_dir: str | os.PathLike, *, size: int = 6, num_train: int = 4000, num_test: int = 1000,
                     seed: int = 0, num_aug: int = 0, min_givens: int = 0, max_givens: int | None = None,
-                    extra_train: tuple[np.ndarray, np.ndarray] | None = None, overwrite: bool = False) -> dict:
+                    extra_train: tuple[np.ndarray, np.ndarray] | None = None, num_val: int = 0,
+                    overwrite: bool = False) -> dict:
     """Generated NxN set: train and test drawn from independent seeds; no test puzzle or test solution occurs in
     train (verbatim). 4x4 has only 288 solution grids, so large 4x4 sets are impossible by this rule.
+
+    `num_val` > 0 adds a "val" split of the test distribution, disjoint from both train and test, for choosing a
+    checkpoint (`--eval_split val`) without looking at the test split.
 
     `extra_train` (puzzles, solutions), e.g. Sudoku-Extreme's training puzzles, is appended to the generated
     training puzzles only: the test set keeps the generated clue distribution."""
     shape = SudokuShape.from_size(size)
-    train_rng, test_rng, aug_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+    # spawn(4)[:3] equals spawn(3): adding the val stream leaves train and test as they were.
+    train_rng, test_rng, aug_rng, val_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4))
     givens = dict(min_givens=min_givens, max_givens=max_givens)
     train_p, train_s = generate_puzzles(shape, num_train, train_rng, **givens)
     if extra_train is not None:
@@ -570,7 +575,12 @@ def build_generated(output_dir: str | os.PathLike, *, size: int = 6, num_train: 
     task = f"sudoku-{size}x{size}"
     splits = {"train": build_split(train_p, train_s, task, num_aug, aug_rng, shape),
               "test": build_split(test_p, test_s, task, shape=shape)}
+    if num_val:
+        seen = train_keys | {format_sudoku(g) for g in np.concatenate([test_p, test_s])}
+        val_p, val_s = generate_puzzles(shape, num_val, val_rng, exclude=seen, **givens)
+        splits["val"] = build_split(val_p, val_s, task, shape=shape)
     write_dataset(output_dir, splits, [BLANK_IDENTIFIER], overwrite=overwrite)
     givens = lambda p: (p != 0).reshape(len(p), -1).sum(1)  # noqa: E731
     return {"train_puzzles": len(train_p), "generated_train_puzzles": num_train, "test_puzzles": num_test,
+            **({"val_puzzles": num_val} if num_val else {}),
             "train_mean_givens": float(givens(train_p).mean()), "test_mean_givens": float(givens(test_p).mean())}

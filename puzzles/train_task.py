@@ -37,7 +37,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from torch.utils.data import Dataset
 
-from trm_lm.training import TrainingTask
+from trm_lm.training import TrainingTask, init_weights_from
 
 from . import sudoku
 from .evaluate import (PuzzleScorer, arc_voter, check_task, flat_metrics, model_predictor, score_predictor)
@@ -59,8 +59,14 @@ class PuzzleDataArguments:
         default=None, metadata={"help": "Learning rate of the puzzle-identifier embedding (default: learning_rate)."})
     puzzle_emb_weight_decay: float | None = field(
         default=None, metadata={"help": "Its AdamW decay (default: weight_decay)."})
+    init_from: str | None = field(
+        default=None, metadata={"help": "A saved puzzle model folder whose weights start the run (fine-tuning); "
+                                        "the configured architecture must have the same shapes."})
+    eval_split: Literal["test", "val"] = field(
+        default="test", metadata={"help": "The split scored during training; 'val' (puzzles.build --num_val) keeps "
+                                          "checkpoint selection (--metric_for_best_model) off the test split."})
     eval_max_examples: int | None = field(
-        default=None, metadata={"help": "Evaluate on the first N test examples (default: all)."})
+        default=None, metadata={"help": "Evaluate on the first N examples of --eval_split (default: all)."})
     eval_num_steps: int | None = field(
         default=None, metadata={"help": "Supervision steps run at evaluation (default: supervision_steps)."})
 
@@ -120,7 +126,7 @@ class PuzzleTask(TrainingTask):
                              "line or in the --config YAML); --data_dir is the folder `python -m puzzles.build` wrote")
         self.data_args, self.model_args, self.eval_batch_size = data_args, model_args, eval_batch_size
         train = load_split(data_args.data_dir, "train", mmap=True)
-        self.test = load_split(data_args.data_dir, "test", mmap=True)
+        self.test = load_split(data_args.data_dir, data_args.eval_split, mmap=True)
         check_task(data_args.task, train.metadata, str(Path(data_args.data_dir) / "train"))
         self.metadata = train.metadata
         dataset = PuzzleExampleDataset(train)
@@ -139,7 +145,8 @@ class PuzzleTask(TrainingTask):
                                num_puzzle_identifiers=m.num_puzzle_identifiers, **vars(self.model_args))
 
     def build_model(self) -> TRMPuzzleModel:
-        return TRMPuzzleModel(self.model_config())
+        model = TRMPuzzleModel(self.model_config())
+        return init_weights_from(model, self.data_args.init_from) if self.data_args.init_from else model
 
     def parameter_groups(self, model, weight_decay: float) -> list[dict]:
         """Every weight decayed, the halting-head bias too (as the official optimizer, unlike the loop's
@@ -203,7 +210,7 @@ class PuzzleTask(TrainingTask):
 
     # ----- evaluation -----------------------------------------------------------------------------------------
     def evaluate(self, model, accelerator) -> dict[str, float]:
-        """Exact / cell accuracy after every step, halting statistics, maze validity, ARC pass@k on the test split;
+        """Exact / cell accuracy after every step, halting statistics, maze validity, ARC pass@k on --eval_split;
         each process scores every num_processes-th row, the counts are then combined."""
         result = self.score(model, accelerator.process_index, accelerator.num_processes, accelerator.device)
         return flat_metrics(result)

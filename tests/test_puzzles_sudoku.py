@@ -216,6 +216,22 @@ def test_build_generated_and_dataset(tmp_path):
     assert not np.array_equal(grids.load_split(tmp_path / "other", "test").inputs, test.inputs)
 
 
+def test_a_validation_split_is_disjoint_and_leaves_train_and_test_as_they_were(tmp_path):
+    stats = sudoku.build_generated(tmp_path / "v", size=6, num_train=60, num_test=20, num_val=15, seed=3)
+    sudoku.build_generated(tmp_path / "plain", size=6, num_train=60, num_test=20, seed=3)
+    assert stats["val_puzzles"] == 15
+    for name in ("train", "test"):
+        assert np.array_equal(grids.load_split(tmp_path / "v", name).inputs, grids.load_split(tmp_path / "plain", name).inputs)
+    val = grids.load_split(tmp_path / "v", "val")
+    seen = {sudoku.format_sudoku(g) for name in ("train", "test") for split in [grids.load_split(tmp_path / "v", name)]
+            for g in sudoku.from_tokens(np.concatenate([split.inputs, split.labels]))}
+    val_puzzles, val_solutions = sudoku.from_tokens(val.inputs), sudoku.from_tokens(val.labels)
+    assert val.num_examples == 15 and seen.isdisjoint(sudoku.format_sudoku(g) for g in val_puzzles)
+    assert seen.isdisjoint(sudoku.format_sudoku(g) for g in val_solutions)
+    assert all(np.array_equal(sudoku.solve_unique(p), s) for p, s in zip(val_puzzles, val_solutions))
+    assert not (tmp_path / "plain" / "val").exists()
+
+
 def test_clue_ranges_and_extra_training_puzzles(tmp_path):
     shape = SudokuShape.from_size(9)
     puzzles, solutions = sudoku.generate_puzzles(shape, 24, np.random.default_rng(0), min_givens=30, max_givens=40)

@@ -158,6 +158,27 @@ def test_trm_learns_4x4_sudoku(tmp_path):
     assert metrics["blank_cell_accuracy"] > 0.8 and metrics["exact_accuracy"] > 0.5, metrics
 
 
+def test_fine_tuning_starts_from_saved_weights_and_selects_on_the_val_split(tmp_path):
+    sudoku.build_generated(tmp_path / "s4", size=4, num_train=40, num_test=10, num_val=12, seed=0)
+    common = ["--config", TINY, "--task", "sudoku", "--data_dir", str(tmp_path / "s4"), "--max_train_steps", "2",
+              "--checkpointing_steps", "1000", "--ema_decay", "0"]
+    train_puzzles.main([*common, "--output_dir", str(tmp_path / "first"), "--eval_steps", "2"])
+    # lr 0: the fine-tuned weights stay the loaded ones exactly, and the run scores the 12 val boards
+    train_puzzles.main([*common, "--output_dir", str(tmp_path / "second"), "--init_from", str(tmp_path / "first"),
+                        "--learning_rate", "0", "--eval_steps", "1", "--eval_split", "val",
+                        "--metric_for_best_model", "halting_exact_accuracy_at_halt"])
+    first, second = load_file(tmp_path / "first" / "model.safetensors"), load_file(tmp_path / "second" / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    results = json.loads((tmp_path / "second" / "results.json").read_text())
+    assert results["best_model"]["step"] == 1  # equal scores later are not an improvement
+    report = evaluate_main(["--model", str(tmp_path / "second"), "--task", "sudoku", "--data_dir", str(tmp_path / "s4"),
+                            "--split", "val", "--device", "cpu"])
+    assert report["num_examples"] == 12 and report["exact_accuracy"] == results["metrics"]["exact_accuracy"]
+    with pytest.raises(ValueError, match="do not fit the configured architecture"):
+        train_puzzles.main([*common, "--output_dir", str(tmp_path / "third"), "--init_from", str(tmp_path / "first"),
+                            "--hidden_size", "16"])
+
+
 def test_task_configs_carry_the_official_settings():
     expected = {  # (mixer, T, n, lr, weight decay, puzzle-embedding lr)
         "sudoku": ("mlp", 3, 6, 1e-4, 1.0, 1e-4), "maze": ("attention", 3, 4, 1e-4, 1.0, 1e-4),

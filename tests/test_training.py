@@ -366,6 +366,49 @@ def test_early_stopping_on_the_held_out_loss(tmp_path):
         _args(tmp_path, early_stopping_patience=2).validate()
 
 
+class PeakingTask(CountingTask):
+    """A held-out score that peaks at the second evaluation; `fail_at` evaluations in, the run dies (a kill)."""
+
+    scores = [1.0, 3.0, 2.0, 2.5]
+
+    def __init__(self, evaluations=0, fail_at=None):
+        super().__init__()
+        self.evaluations, self.fail_at = evaluations, fail_at
+
+    def evaluate(self, model, accelerator):
+        if self.evaluations == self.fail_at:
+            raise RuntimeError("killed")
+        self.evaluations += 1
+        return {"loss": held_out_loss(model, self.held_out), "score": self.scores[self.evaluations - 1]}
+
+
+def test_the_best_evaluated_model_is_saved_and_survives_a_resume(tmp_path):
+    args = dict(eval_steps=5, checkpointing_steps=5, max_train_steps=20, metric_for_best_model="score")
+    with pytest.raises(RuntimeError, match="killed"):  # dies in the step-20 evaluation
+        run_training(_args(tmp_path, **args), PeakingTask(fail_at=3))
+    assert json.loads((tmp_path / "best_model" / "best.json").read_text())["step"] == 10
+    assert not (tmp_path / "model.safetensors").exists()
+
+    result = run_training(_args(tmp_path, resume_from_checkpoint="latest", **args), PeakingTask(evaluations=3))
+    assert result.completed_steps == 20 and result.metrics["score"] == 3.0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["best_model"] == {"metric": "score", "value": 3.0, "step": 10}
+    saved, at_best = load_file(tmp_path / "model.safetensors"), load_file(tmp_path / "checkpoints/step_10/model.safetensors")
+    last = load_file(tmp_path / "checkpoints/step_20/model.safetensors")
+    assert saved.keys() == at_best.keys()
+    assert all(torch.equal(saved[k], at_best[k]) for k in saved)
+    assert not all(torch.equal(saved[k], last[k]) for k in saved)
+    assert [r["eval_score"] for r in _log(tmp_path) if "eval_score" in r] == [1.0, 3.0, 2.0, 2.5]
+
+
+def test_an_unknown_best_model_metric_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="'accuracy' is not among the evaluation metrics"):
+        run_training(_args(tmp_path, eval_steps=5, max_train_steps=5, metric_for_best_model="accuracy"), PeakingTask())
+    with pytest.raises(ValueError, match="needs --eval_steps"):
+        _args(tmp_path, metric_for_best_model="score").validate()
+    assert _args(tmp_path, metric_for_best_model="bits_per_byte").tracked_metric == ("bits_per_byte", False)
+
+
 def test_empty_training_data_is_a_clear_error(tmp_path):
     task = CountingTask()
     task.train_dataset = CountingSequences(0, seed=0)

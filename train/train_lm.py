@@ -34,8 +34,8 @@ from trm_lm.data import (build_lm_datasets, expand_data_files, load_or_train_tok
 from trm_lm.evaluate import bits_per_byte  # noqa: E402
 from trm_lm.generation import one_line  # noqa: E402
 from trm_lm.model_card import TRM_PAPER, render_model_card  # noqa: E402
-from trm_lm.training import (TrainingArguments, TrainingTask, parse_args, process_state,  # noqa: E402
-                             run_training)
+from trm_lm.training import (TrainingArguments, TrainingTask, init_weights_from, parse_args,  # noqa: E402
+                             process_state, run_training)
 
 
 @dataclass
@@ -118,14 +118,7 @@ class CausalLMTask(TrainingTask):
             pad_token_id=tokenizer.pad_token_id)
         if args.model_type == "trm":
             model = TRMForCausalLM(trm_config)
-            if args.init_from:
-                start = TRMForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
-                try:
-                    model.load_state_dict(start.state_dict(), strict=True)
-                except RuntimeError as error:
-                    raise ValueError(f"--init_from {args.init_from}: its weights do not fit the configured "
-                                     f"architecture ({error})") from None
-            return model
+            return init_weights_from(model, args.init_from) if args.init_from else model
         if args.init_from:
             raise ValueError("--init_from starts a TRM from a trained TRM; it does not apply to --model_type llama")
         return LlamaForCausalLM(llama_config_from_trm(trm_config, args.baseline_match))

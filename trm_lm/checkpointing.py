@@ -44,6 +44,8 @@ TMP_CHECKPOINT_PREFIX = ".tmp-step_"
 CHECKPOINT_MARKER = "checkpoint_complete.json"  # written last: its presence means the checkpoint is whole
 TRAINING_STATE = "training_state.json"
 MODEL_FILE = "model.safetensors"
+BEST_MODEL_DIR = "best_model"  # with --metric_for_best_model: the best evaluated model so far
+BEST_INFO = "best.json"
 REQUIRED_CHECKPOINT_FILES = (MODEL_FILE, "optimizer.safetensors", "optimizer.json", "scheduler.json",
                              "rng_0.safetensors", "rng_0.json", TRAINING_STATE)
 PICKLE_SUFFIXES = (".pkl", ".bin", ".pt", ".pth")
@@ -326,6 +328,45 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, tra
     return final
 
 
+def save_best_model(model: torch.nn.Module, folder: Path, info: dict, is_main_process: bool = True) -> None:
+    """Replace `folder` by the model (save_pretrained, a loadable model folder) and `info` (best.json).
+
+    Written next to it and swapped in by renames, so a kill leaves the previous best or the new one, whole."""
+    if not is_main_process:
+        return
+    folder = Path(folder)
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    def write() -> None:
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(tmp)
+        else:
+            save_weights(model, tmp / MODEL_FILE)
+        (tmp / BEST_INFO).write_text(json.dumps(info, indent=2))
+        _fsync_tree(tmp)
+
+    _write("best model", tmp, write)
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_best_model(model: torch.nn.Module, folder: Path) -> dict:
+    """Load the weights `save_best_model` wrote into `model` (in place) and return its info."""
+    folder = Path(folder)
+    if not (folder / BEST_INFO).is_file() and folder.with_name(folder.name + ".old").is_dir():
+        folder = folder.with_name(folder.name + ".old")  # killed between the two renames
+    if not (folder / BEST_INFO).is_file():
+        raise FileNotFoundError(f"{folder}: no saved best model ({BEST_INFO} missing); it is written at each "
+                                "evaluation that improves --metric_for_best_model")
+    load_weights(model, folder / MODEL_FILE)
+    return json.loads((folder / BEST_INFO).read_text())
+
+
 def load_checkpoint(accelerator: Accelerator, checkpoint: Path, *, model, optimizer, scheduler, ema=None,
                     task=None) -> None:
     """Restore everything `save_checkpoint` wrote (call after `validate_checkpoint`). Any part that does not
@@ -351,5 +392,6 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, *, model, optimi
 
 __all__ = [
     "save_checkpoint", "load_checkpoint", "validate_checkpoint", "find_latest_checkpoint", "resolve_checkpoint",
-    "list_checkpoints", "remove_partial_checkpoints", "save_state_tree", "load_state_tree",
+    "list_checkpoints", "remove_partial_checkpoints", "save_state_tree", "load_state_tree", "save_best_model",
+    "load_best_model",
 ]

@@ -61,9 +61,9 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, default_data_collator, get_scheduler
 
-from .checkpointing import (CHECKPOINT_MARKER, CHECKPOINTS_DIR, find_latest_checkpoint, list_checkpoints,  # noqa: F401
-                            load_checkpoint, remove_partial_checkpoints, resolve_checkpoint, save_checkpoint,
-                            validate_checkpoint)
+from .checkpointing import (BEST_MODEL_DIR, CHECKPOINT_MARKER, CHECKPOINTS_DIR, find_latest_checkpoint,  # noqa: F401
+                            list_checkpoints, load_best_model, load_checkpoint, remove_partial_checkpoints,
+                            resolve_checkpoint, save_best_model, save_checkpoint, validate_checkpoint)
 from .cli import HelpFormatter
 from .model_card import render_model_card
 
@@ -123,7 +123,25 @@ class TrainingArguments:
     cpu: bool = field(default=False, metadata={"help": "Train on CPU even if an accelerator is present."})
     early_stopping_patience: int | None = field(
         default=None,
-        metadata={"help": "Stop once the held-out loss (eval 'loss') has not improved for this many evaluations."})
+        metadata={"help": "Stop once the held-out --metric_for_best_model has not improved for this many evaluations."})
+    metric_for_best_model: str | None = field(
+        default=None,
+        metadata={"help": "An evaluation metric (e.g. 'loss', 'bits_per_byte', 'halting_exact_accuracy_at_halt'). "
+                          "Each evaluation that improves it saves the evaluated model to <output_dir>/best_model, and "
+                          "the run ends by saving that best model, not the last one. Early stopping watches it too "
+                          "(default there: 'loss')."})
+    greater_is_better: bool | None = field(
+        default=None, metadata={"help": "Whether a larger --metric_for_best_model is better (default: False for names "
+                                        "ending in 'loss' or 'bits_per_byte', else True)."})
+
+    @property
+    def tracked_metric(self) -> tuple[str, bool]:
+        """(name, greater_is_better) of the metric that early stopping and best-model selection watch."""
+        name = self.metric_for_best_model or "loss"
+        greater = self.greater_is_better
+        if greater is None:
+            greater = not (name.endswith("loss") or name.endswith("bits_per_byte"))
+        return name, greater
 
     def validate(self) -> None:
         if not self.output_dir:
@@ -134,6 +152,8 @@ class TrainingArguments:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.early_stopping_patience is not None and not self.eval_steps:
             raise ValueError("--early_stopping_patience needs --eval_steps (it counts evaluations)")
+        if self.metric_for_best_model is not None and not self.eval_steps:
+            raise ValueError("--metric_for_best_model needs --eval_steps (the best model is chosen among evaluations)")
         for name in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "eval_steps",
                      "early_stopping_patience"):
             value = getattr(self, name)
@@ -274,6 +294,17 @@ class TrainingTask(ABC):
     def save_final(self, model: nn.Module, output_dir: Path, metrics: dict, run_info: dict) -> None:
         """Files written next to the saved weights, on the main process only. Default: a model card."""
         render_model_card(model_name=output_dir.name, metrics=metrics, run_info=run_info).save(output_dir / "README.md")
+
+
+def init_weights_from(model: nn.Module, folder: str) -> nn.Module:
+    """Start `model` from the weights saved in `folder` (save_pretrained of the same class). The recursion
+    schedule may differ from the saved one, the tensor shapes may not."""
+    start = type(model).from_pretrained(folder, dtype=torch.float32)
+    try:
+        model.load_state_dict(start.state_dict(), strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"--init_from {folder}: its weights do not fit the configured architecture ({error})") from None
+    return model
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -417,13 +448,16 @@ def run_training(args: TrainingArguments, task: TrainingTask) -> TrainingResult:
 
     # Resume.
     completed_steps, start_epoch, skip_batches = 0, 0, 0
-    best_loss, evals_without_improvement = None, 0  # early stopping on the held-out loss
+    best_metric, best_step, evals_without_improvement = None, None, 0  # early stopping and best-model selection
+    tracked, greater_is_better = args.tracked_metric
+    best_dir = output_dir / BEST_MODEL_DIR
     if checkpoint is not None:
         state = validate_checkpoint(checkpoint)
         load_checkpoint(accelerator, checkpoint, **checkpointed)
         completed_steps, start_epoch = int(state["step"]), int(state["epoch"])
         skip_batches = int(state["micro_batches_in_epoch"])
-        best_loss, evals_without_improvement = state.get("best_eval_loss"), int(state.get("evals_without_improvement", 0))
+        best_metric = state.get("best_metric", state.get("best_eval_loss"))  # best_eval_loss: older checkpoints
+        best_step, evals_without_improvement = state.get("best_step"), int(state.get("evals_without_improvement", 0))
         if not iterable and skip_batches >= len(train_dataloader):  # saved right at the end of an epoch
             start_epoch, skip_batches = start_epoch + 1, 0
         expected = _resume_settings(args, accelerator)
@@ -462,6 +496,27 @@ def run_training(args: TrainingArguments, task: TrainingTask) -> TrainingResult:
     def log_metrics(metrics: dict[str, float]) -> None:
         if metrics:
             log({"step": completed_steps, **{f"eval_{k}": v for k, v in metrics.items()}})
+
+    def track(metrics: dict[str, float]) -> None:
+        """Count evaluations without improvement; with --metric_for_best_model, save each new best model."""
+        nonlocal best_metric, best_step, evals_without_improvement
+        if tracked not in metrics:
+            if args.metric_for_best_model is not None:
+                raise ValueError(f"--metric_for_best_model {tracked!r} is not among the evaluation metrics: "
+                                 f"{sorted(metrics)}")
+            return
+        value = metrics[tracked]
+        improved = math.isfinite(value) and (
+            best_metric is None or (value > best_metric if greater_is_better else value < best_metric))
+        if not improved:
+            evals_without_improvement += 1
+            return
+        best_metric, best_step, evals_without_improvement = value, completed_steps, 0
+        if args.metric_for_best_model is not None:
+            save_best_model(ema.module if ema is not None else accelerator.unwrap_model(model), best_dir,
+                            {"step": completed_steps, "metric": tracked, "value": value, "metrics": metrics},
+                            is_main_process=accelerator.is_main_process)
+            accelerator.wait_for_everyone()
 
     progress = tqdm(total=max_train_steps, initial=completed_steps, disable=not accelerator.is_local_main_process,
                     desc="training")
@@ -525,26 +580,24 @@ def run_training(args: TrainingArguments, task: TrainingTask) -> TrainingResult:
             if args.eval_steps and completed_steps % args.eval_steps == 0:
                 metrics, last_eval_step = evaluate(), completed_steps
                 log_metrics(metrics)
-                if "loss" in metrics:
-                    if best_loss is None or metrics["loss"] < best_loss:
-                        best_loss, evals_without_improvement = metrics["loss"], 0
-                    else:
-                        evals_without_improvement += 1
+                track(metrics)
 
             if args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0:
                 training_state = {
                     "step": completed_steps, "epoch": epoch, "micro_batches_in_epoch": consumed,
                     **_resume_settings(args, accelerator),
-                    "best_eval_loss": best_loss, "evals_without_improvement": evals_without_improvement,
+                    "best_metric": best_metric, "best_step": best_step,
+                    "evals_without_improvement": evals_without_improvement,
                     "rng": "python/numpy/torch(/cuda) states per rank in rng_<rank>.{safetensors,json}",
                 }
                 save_checkpoint(accelerator, output_dir, training_state, total_limit=args.checkpoints_total_limit,
                                 **checkpointed)
             window_start += time.time() - paused
             if args.early_stopping_patience and evals_without_improvement >= args.early_stopping_patience:
-                accelerator.print(f"early stop at step {completed_steps}: the held-out loss has not improved on "
-                                  f"{best_loss:.4f} for {evals_without_improvement} evaluations")
-                log({"step": completed_steps, "event": "early_stop", "best_eval_loss": best_loss})
+                accelerator.print(f"early stop at step {completed_steps}: the held-out {tracked} has not improved on "
+                                  f"{best_metric:.4f} (step {best_step}) for {evals_without_improvement} evaluations")
+                log({"step": completed_steps, "event": "early_stop", "metric": tracked, "best_metric": best_metric,
+                     "best_step": best_step})
                 max_train_steps = completed_steps
             if completed_steps >= max_train_steps:
                 break
@@ -554,8 +607,17 @@ def run_training(args: TrainingArguments, task: TrainingTask) -> TrainingResult:
     if last_eval_step != completed_steps:
         metrics = evaluate()
         log_metrics(metrics)
+        if args.metric_for_best_model is not None:
+            track(metrics)
 
     final_model = ema.module if ema is not None else accelerator.unwrap_model(model)
+    if args.metric_for_best_model is not None:
+        if best_step is None:
+            raise ValueError(f"no evaluation gave a finite {tracked}: there is no best model to save")
+        best = load_best_model(final_model, best_dir)  # the weights of the best evaluation, and its metrics
+        metrics = best["metrics"]
+        accelerator.print(f"best {tracked} {best['value']:.4f} at step {best['step']} of {completed_steps}: "
+                          "that model is the one saved")
     run_info = {
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "steps": completed_steps,
@@ -566,6 +628,8 @@ def run_training(args: TrainingArguments, task: TrainingTask) -> TrainingResult:
         "num_parameters": sum(p.numel() for p in final_model.parameters()),
         "ema_decay": args.ema_decay,
         "resumed_from": str(checkpoint) if checkpoint is not None else None,
+        **({"best_model": {"metric": tracked, "value": best_metric, "step": best_step}}
+           if args.metric_for_best_model is not None else {}),
         "training_args": asdict(args),
     }
     if hasattr(final_model, "save_pretrained"):
@@ -593,6 +657,7 @@ def run_training(args: TrainingArguments, task: TrainingTask) -> TrainingResult:
 
 __all__ = [
     "TrainingArguments", "TrainingTask", "TrainingResult", "run_training", "parse_args", "process_state", "load_config",
+    "init_weights_from",
     "parameter_groups", "save_checkpoint", "load_checkpoint", "validate_checkpoint", "find_latest_checkpoint",
     "resolve_checkpoint", "list_checkpoints", "remove_partial_checkpoints",
 ]
