@@ -57,7 +57,8 @@ class PuzzleTRMConfig(TRMConfig):
     """TRMConfig for fixed-size grids. Paper/official names: T = cycles (H_cycles), n = latent_steps
     (L_cycles), N_sup = supervision_steps (halt_max_steps), net_layers = L_layers, mixer "mlp" = mlp_t.
 
-    `sequence_length` and `max_position_embeddings` are derived: num_cells + puzzle_emb_len.
+    `sequence_length` and `max_position_embeddings` are derived: num_cells + puzzle_emb_len. An unset
+    `intermediate_size` follows the official rule (a multiple of 256: 1536 for D=512), not the LM's.
     """
 
     model_type = "trm_puzzle"
@@ -87,6 +88,8 @@ class PuzzleTRMConfig(TRMConfig):
                                  "(the halting head reads prefix position 0, so puzzle_emb_len >= 1)")
         self.sequence_length = self.num_cells + self.puzzle_emb_len
         self.max_position_embeddings = self.sequence_length
+        if self.intermediate_size is None:  # official layers.py: 4 * D * 2/3 rounded up to a multiple of 256
+            self.intermediate_size = -(-round(4 * self.hidden_size * 2 / 3) // 256) * 256
         if self.causal:
             raise ValueError("grid puzzles are solved as a whole: PuzzleTRMConfig needs causal=False")
         if self.loss_type not in _LOSS_TYPES:

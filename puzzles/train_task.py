@@ -25,8 +25,10 @@ when read: example j of the virtual length N_puzzles * (N + 1) is a deterministi
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -37,7 +39,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from torch.utils.data import Dataset
 
-from trm_lm.training import TrainingTask, init_weights_from
+from trm_lm.training import TrainingArguments, TrainingTask, init_weights_from, parse_args, run_training
 
 from . import sudoku
 from .evaluate import (PuzzleScorer, arc_voter, check_task, flat_metrics, model_predictor, score_predictor)
@@ -71,27 +73,35 @@ class PuzzleDataArguments:
         default=None, metadata={"help": "Supervision steps run at evaluation (default: supervision_steps)."})
 
 
+def _config_field(name: str, help: str = ""):
+    """A PuzzleTRMConfig field as a flag: unset (None) = the config's default, declared once, there."""
+    default = getattr(PuzzleTRMConfig, name)
+    shown = "the official rule" if default is None else repr(default)
+    return field(default=None, metadata={"help": f"{help} Default: PuzzleTRMConfig's, {shown}.".strip()})
+
+
 @dataclass
 class PuzzleModelArguments:
-    """PuzzleTRMConfig fields (defaults: the official TRM, Sudoku-Extreme TRM-MLP uses mixer=mlp, n=6)."""
+    """PuzzleTRMConfig fields; unset ones keep the config's defaults (the official TRM: D=512, T=3, n=6,
+    N_sup=16; the Sudoku-Extreme TRM-MLP sets mixer=mlp)."""
 
-    hidden_size: int = 512
-    num_attention_heads: int = 8
-    intermediate_size: int | None = field(default=None, metadata={"help": "SwiGLU width (official: 1536 for D=512)."})
-    net_layers: int = 2
-    latent_steps: int = field(default=6, metadata={"help": "n: latent updates per cycle."})
-    cycles: int = field(default=3, metadata={"help": "T: cycles per supervision step (T-1 without grad)."})
-    supervision_steps: int = field(default=16, metadata={"help": "N_sup (official halt_max_steps)."})
-    mixer: Literal["attention", "mlp"] = "attention"
-    sequence_mlp_size: int | None = field(
-        default=None, metadata={"help": "mixer=mlp: token-mixer width (official: 4*L*2/3 rounded up to 256)."})
-    position_encoding: Literal["rope", "learned", "none"] = "rope"
-    puzzle_emb_len: int = field(default=16, metadata={"help": "Prefix positions: 1 learned + the rest zeros."})
-    halt_exploration_prob: float = 0.1
-    halt_loss_weight: float = 0.5
-    loss_type: Literal["stablemax", "softmax"] = "stablemax"
-    recursion: Literal["trm", "direct"] = field(
-        default="trm", metadata={"help": "'direct' = the network applied once (baseline; needs supervision_steps=1)."})
+    hidden_size: int | None = _config_field("hidden_size", "D: the width of the network.")
+    num_attention_heads: int | None = _config_field("num_attention_heads")
+    intermediate_size: int | None = _config_field("intermediate_size", "SwiGLU width (official: 1536 for D=512).")
+    net_layers: int | None = _config_field("net_layers", "Blocks in the one tiny network.")
+    latent_steps: int | None = _config_field("latent_steps", "n: latent updates per cycle.")
+    cycles: int | None = _config_field("cycles", "T: cycles per supervision step (T-1 without grad).")
+    supervision_steps: int | None = _config_field("supervision_steps", "N_sup (official halt_max_steps).")
+    mixer: Literal["attention", "mlp"] | None = _config_field("mixer")
+    sequence_mlp_size: int | None = _config_field(
+        "sequence_mlp_size", "mixer=mlp: token-mixer width (official: 4*L*2/3 rounded up to 256).")
+    position_encoding: Literal["rope", "learned", "none"] | None = _config_field("position_encoding")
+    puzzle_emb_len: int | None = _config_field("puzzle_emb_len", "Prefix positions: 1 learned + the rest zeros.")
+    halt_exploration_prob: float | None = _config_field("halt_exploration_prob")
+    halt_loss_weight: float | None = _config_field("halt_loss_weight")
+    loss_type: Literal["stablemax", "softmax"] | None = _config_field("loss_type")
+    recursion: Literal["trm", "direct"] | None = _config_field(
+        "recursion", "'direct' = the network applied once (baseline; needs supervision_steps=1).")
 
 
 class AugmentedSudokuDataset(Dataset):
@@ -141,8 +151,9 @@ class PuzzleTask(TrainingTask):
     # ----- model and optimizer -------------------------------------------------------------------------------
     def model_config(self) -> PuzzleTRMConfig:
         m = self.metadata
+        chosen = {name: value for name, value in vars(self.model_args).items() if value is not None}
         return PuzzleTRMConfig(vocab_size=m.vocab_size, num_cells=m.seq_len,
-                               num_puzzle_identifiers=m.num_puzzle_identifiers, **vars(self.model_args))
+                               num_puzzle_identifiers=m.num_puzzle_identifiers, **chosen)
 
     def build_model(self) -> TRMPuzzleModel:
         model = TRMPuzzleModel(self.model_config())
@@ -255,4 +266,31 @@ class PuzzleTask(TrainingTask):
         (output_dir / "puzzle_task.json").write_text(json.dumps(info, indent=2))
 
 
-__all__ = ["PuzzleDataArguments", "PuzzleModelArguments", "PuzzleTask", "AugmentedSudokuDataset"]
+def default_config(argv: list[str], config_dir: Path) -> list[str]:
+    """Append `--config <config_dir>/puzzle-<task>.yaml` when the command line names a --task but no --config."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--task")
+    known, _ = pre.parse_known_args(argv)
+    if known.config or not known.task:
+        return argv
+    path = Path(config_dir) / f"puzzle-{known.task}.yaml"
+    if not path.is_file():
+        raise ValueError(f"no default config for --task {known.task!r} ({path} is missing); pass --config")
+    return [*argv, "--config", str(path)]
+
+
+def main(argv: list[str] | None = None, config_dir: Path | None = None):
+    """train/train_puzzles.py: parse the flags (with `config_dir`, a --task without --config reads that folder's
+    puzzle-<task>.yaml), build the task and run the shared loop."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if config_dir is not None:
+        argv = default_config(argv, config_dir)
+    training_args, data_args, model_args = parse_args([TrainingArguments, PuzzleDataArguments, PuzzleModelArguments],
+                                                      argv)
+    training_args.validate()
+    task = PuzzleTask(data_args, model_args, training_args.per_device_eval_batch_size, seed=training_args.seed)
+    return run_training(training_args, task)
+
+
+__all__ = ["PuzzleDataArguments", "PuzzleModelArguments", "PuzzleTask", "AugmentedSudokuDataset", "main"]

@@ -21,17 +21,15 @@ import trm_lm  # noqa: F401  (registers the TRM classes with the Auto classes)
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Runs train_lm.main() in each rank, recording which blocks the rank trained on and a checksum of its
+# Runs trm_lm.text_task.main() (train/train_lm.py) in each rank, recording which blocks the rank trained on and a checksum of its
 # final parameters.
 DRIVER = r'''
-import hashlib, importlib.util, json, os, sys
+import hashlib, json, os, sys
 from pathlib import Path
 
 repo, report_dir, argv = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
-spec = importlib.util.spec_from_file_location("train_lm", repo / "train" / "train_lm.py")
-train_lm = importlib.util.module_from_spec(spec)
-sys.modules["train_lm"] = train_lm
-spec.loader.exec_module(train_lm)
+sys.path.insert(0, str(repo))
+from trm_lm import text_task as train_lm  # what train/train_lm.py runs
 from accelerate import PartialState
 
 seen, info = [], {}

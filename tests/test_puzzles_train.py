@@ -17,7 +17,9 @@ from trm_lm.checkpointing import load_state_tree
 from puzzles.evaluate import PuzzleScorer, arc_voter, main as evaluate_main, score_predictor
 from puzzles.grids import BLANK_IDENTIFIER, PuzzleExampleDataset, SplitBuilder, load_split, write_dataset
 from puzzles.model import TRMPuzzleModel
-from puzzles.train_task import AugmentedSudokuDataset, PuzzleDataArguments, PuzzleModelArguments, PuzzleTask
+from puzzles.model import PuzzleTRMConfig
+from puzzles.train_task import (AugmentedSudokuDataset, PuzzleDataArguments, PuzzleModelArguments, PuzzleTask,
+                                default_config)
 from trm_lm.training import TrainingArguments, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,11 +186,14 @@ def test_task_configs_carry_the_official_settings():
         "sudoku": ("mlp", 3, 6, 1e-4, 1.0, 1e-4), "maze": ("attention", 3, 4, 1e-4, 1.0, 1e-4),
         "arc1": ("attention", 3, 4, 1e-4, 0.1, 1e-2), "arc2": ("attention", 3, 4, 1e-4, 0.1, 1e-2)}
     for task, values in expected.items():
-        argv = train_puzzles.default_config(["--task", task, "--data_dir", "somewhere"])
+        argv = default_config(["--task", task, "--data_dir", "somewhere"], train_puzzles.CONFIG_DIR)
         assert argv[-1].endswith(f"puzzle-{task}.yaml")
-        training, data, model = parse_args([TrainingArguments, PuzzleDataArguments, PuzzleModelArguments], argv)
+        training, data, model_args = parse_args([TrainingArguments, PuzzleDataArguments, PuzzleModelArguments], argv)
+        model = PuzzleTRMConfig(**{k: v for k, v in vars(model_args).items() if v is not None})  # unset: the config's
         assert (model.mixer, model.cycles, model.latent_steps, training.learning_rate, training.weight_decay,
                 data.puzzle_emb_lr) == values, task
-        assert model.supervision_steps == 16 and training.ema_decay == 0.999 and data.task == task
+        assert model.supervision_steps == 16 and model.intermediate_size == 1536 and model.hidden_size == 512
+        assert training.ema_decay == 0.999 and data.task == task
+    assert PuzzleTRMConfig().intermediate_size == 1536  # the official SwiGLU width without being told
     for path in (REPO / "train" / "configs").glob("puzzle-*.yaml"):  # every puzzle config parses
         parse_args([TrainingArguments, PuzzleDataArguments, PuzzleModelArguments], ["--config", str(path)])

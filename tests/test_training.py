@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trm_lm import TRMConfig, TRMForCausalLM
 from trm_lm.baselines import baseline_table, count_parameters, llama_config_from_trm, main as baselines_main
+from trm_lm import text_task
 from trm_lm.training import TrainingArguments, TrainingTask, parse_args, run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -259,13 +260,15 @@ def test_recipe_study_runs_differ_only_as_labelled_and_share_budget_data_and_sch
 
 
 def _load_train_lm():
-    """train/train_lm.py as a module (train/ is a folder of scripts, not a package)."""
+    """train/train_lm.py as a module (train/ is a folder of scripts, not a package); it re-exports nothing but
+    `main`, so the flag dataclasses come from the package module it runs."""
     if "train_lm" not in sys.modules:
         spec = importlib.util.spec_from_file_location("train_lm", REPO / "train" / "train_lm.py")
         module = importlib.util.module_from_spec(spec)
-        sys.modules["train_lm"] = module  # dataclasses resolve their annotations through sys.modules
+        sys.modules["train_lm"] = module
         spec.loader.exec_module(module)
-    return sys.modules["train_lm"]
+    assert sys.modules["train_lm"].main is text_task.main
+    return text_task
 
 
 @pytest.fixture

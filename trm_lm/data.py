@@ -1,6 +1,6 @@
 """Text data for causal language modelling: loading, tokenizer training, packing into blocks.
 
-Pipeline (what `train/train_lm.py` uses):
+Pipeline (trm_lm/text_task.py reads the texts once with `load_text_datasets` and packs the training split):
 
     tokenizer = load_or_train_tokenizer(None, train_texts=...)         # or a path / Hub id
     train_ds, eval_ds = build_lm_datasets(tokenizer, block_size=512, train_file="train.jsonl",
