@@ -213,7 +213,7 @@ def puzzle_tab(solver: SudokuSolver | None, note: str, step_delay: float) -> Non
                 "every supervision step. Clues are **bold**, cells that changed since the previous step are amber, "
                 "a clue the model overwrote is red (the clue struck through); the small number is the model's "
                 "confidence (%), and faint digits are unsure ones. With halting on, it stops at the first step "
-                "whose q_halt > 0.")
+                f"whose P(halt) > {solver.halt_threshold:g} (the model's own belief that its grid is right).")
     with gr.Row():
         with gr.Column(scale=1):
             puzzle = gr.Textbox(label=f"Puzzle: {size * size} characters row by row, '.' or 0 = blank", lines=2,
@@ -222,8 +222,8 @@ def puzzle_tab(solver: SudokuSolver | None, note: str, step_delay: float) -> Non
             max_steps = gr.Slider(1, solver.max_allowed_steps, value=trained, step=1, elem_id="puzzle-max-steps",
                                   label=f"Max supervision steps (trained with {trained}; up to "
                                         f"{solver.max_allowed_steps} thinks longer)")
-            halting = gr.Checkbox(value=False, label="Halt at the first step with q_halt > 0 (ACT)",
-                                  elem_id="puzzle-halting")
+            halting = gr.Checkbox(value=solver.halts_by_default, elem_id="puzzle-halting",
+                                  label=f"Halt at the first step with P(halt) > {solver.halt_threshold:g} (ACT)")
             gr.Examples(examples, inputs=[puzzle], label="Example boards (generated, seed "
                                                           f"{PUZZLE_EXAMPLE_SEED})")
         with gr.Column(scale=2):
@@ -296,7 +296,7 @@ def board_html(step: SolveStep, puzzle: np.ndarray, shape: SudokuShape) -> str:
         rows.append(f"<tr>{''.join(cells)}</tr>")
     halts = " · halts" if step.halts else ""
     return (f'<figure class="sudoku-step" data-step="{step.step}" style="margin:0">'
-            f'<figcaption style="font-size:13px">Step {step.step} · q_halt {step.q_halt:+.2f} · '
+            f'<figcaption style="font-size:13px">Step {step.step} · P(halt) {step.halt_probability:.2f} · '
             f'{int(step.changed.sum())} changed{halts}</figcaption>'
             f'<table style="border-collapse:collapse;font-size:16px">{"".join(rows)}</table></figure>')
 

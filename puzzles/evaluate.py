@@ -8,7 +8,8 @@ Every row runs `--num_steps` supervision steps (default: the model's supervision
 evaluation: no early exit) and its prediction is recorded after each. Headline numbers are taken after
 `--report_step` steps (default: the trained supervision_steps, or num_steps if fewer); `per_step` has the
 whole curve. `halting` says what adaptive halting would do: a row stops at its first step with
-q_halt > 0 (else the last), `exact_accuracy_at_halt` scores the prediction there.
+P(halt) = sigmoid(q_halt) > the model's halt_threshold (`--halt_threshold`; unset: the official 0.5, i.e.
+q_halt > 0), else at report_step; `exact_accuracy_at_halt` scores the prediction there.
 
 The metric primitives are puzzles.metrics; PuzzleScorer only streams batches into counts, so a predictor
 that returns the labels scores exactly 1.0 (see tests/test_puzzles_model.py).
@@ -30,6 +31,8 @@ from trm_lm.cli import HelpFormatter
 
 from . import arc, maze, metrics
 from .grids import SPLITS, PuzzleExampleDataset, PuzzleMetadata, load_identifiers, load_split
+from .metrics import halt_logit
+from .model import OFFICIAL_HALT_PROBABILITY, TRMPuzzleModel
 from .sudoku import BLANK_TOKEN
 
 TASKS = ("sudoku", "maze", "arc1", "arc2")
@@ -67,16 +70,20 @@ def merge_arc_votes(into: metrics.ARCVoter, other: metrics.ARCVoter) -> None:
 class PuzzleScorer:
     """Accumulates the counts behind every reported metric, batch by batch; `merge` combines processes."""
 
-    def __init__(self, task: str, num_steps: int, report_step: int, voter: metrics.ARCVoter | None = None):
+    def __init__(self, task: str, num_steps: int, report_step: int, voter: metrics.ARCVoter | None = None,
+                 halt_probability: float = OFFICIAL_HALT_PROBABILITY):
         if not 1 <= report_step <= num_steps:
             raise ValueError(f"report_step must be in 1..num_steps={num_steps}, got {report_step}")
+        if not 0 < halt_probability <= 1:
+            raise ValueError(f"the halt threshold must be in (0, 1], got {halt_probability}")
         self.task, self.num_steps, self.report_step, self.voter = task, num_steps, report_step, voter
+        self.halt_probability, self.halt_logit = halt_probability, halt_logit(halt_probability)
         self.examples = 0
         self.exact = np.zeros(num_steps)  # per step: rows whose whole grid is right
         self.cells = np.zeros((2, num_steps))  # per step: (right supervised cells, supervised cells)
         self.blank_cells = np.zeros((2, num_steps))  # sudoku: the same over the cells blank in the input
         self.valid_paths = 0  # maze: valid and optimal paths at report_step
-        self.steps_used: list[np.ndarray] = []  # adaptive halting: step of the first q_halt > 0 (else the last)
+        self.steps_used: list[np.ndarray] = []  # adaptive halting: first step with P(halt) > threshold, else the last
         self.exact_at_halt = 0
         self.final_q: list[np.ndarray] = []  # halting logit and correctness at report_step
         self.final_correct: list[np.ndarray] = []
@@ -100,7 +107,7 @@ class PuzzleScorer:
         final = self.report_step - 1
         if self.task == "maze":
             self.valid_paths += maze.check_paths(inputs, preds[final]).sum()
-        halts = q[: self.report_step] > 0  # (S', B)
+        halts = q[: self.report_step] > self.halt_logit  # (S', B)
         stop = np.where(halts.any(0), halts.argmax(0), final)  # (B,) 0-based halting step
         self.steps_used.append(stop + 1)
         self.exact_at_halt += exact[stop, np.arange(len(stop))].sum()
@@ -142,6 +149,7 @@ class PuzzleScorer:
         halting = metrics.halting_summary(np.concatenate(self.steps_used), self.report_step,
                                           np.concatenate(self.final_q), np.concatenate(self.final_correct))
         halting["exact_accuracy_at_halt"] = float(self.exact_at_halt / n)
+        halting["threshold"] = self.halt_probability
         out["halting"] = halting
         out["per_step"] = per_step
         if self.voter is not None:
@@ -181,7 +189,8 @@ def model_predictor(model, num_steps: int) -> Predictor:
 def evaluate_model(model, data_dir: str | Path, task: str, *, split: str = "test", batch_size: int = 256,
                    max_examples: int | None = None, num_steps: int | None = None, report_step: int | None = None,
                    device: torch.device | str | None = None) -> dict:
-    """Single-process evaluation of `model` (a TRMPuzzleModel) on `data_dir/split`; returns the result dict."""
+    """Single-process evaluation of `model` (a TRMPuzzleModel) on `data_dir/split`; returns the result dict.
+    Halting statistics use `model.config.halt_probability`."""
     data = load_split(data_dir, split, mmap=True)
     check_task(task, data.metadata, str(Path(data_dir) / split))
     check_compatible(model.config, data.metadata, str(Path(data_dir) / split))
@@ -190,7 +199,7 @@ def evaluate_model(model, data_dir: str | Path, task: str, *, split: str = "test
     num_steps = num_steps or model.config.supervision_steps
     report_step = report_step or min(model.config.supervision_steps, num_steps)
     voter = arc_voter(data_dir, data.metadata) if task.startswith("arc") else None
-    scorer = PuzzleScorer(task, num_steps, report_step, voter)
+    scorer = PuzzleScorer(task, num_steps, report_step, voter, model.config.halt_probability)
     rows = range(min(max_examples, data.num_examples)) if max_examples else None
     return score_predictor(model_predictor(model, num_steps), PuzzleExampleDataset(data), scorer,
                            batch_size=batch_size, indices=rows, device=device).result()
@@ -219,14 +228,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_examples", type=int, default=None, help="evaluate the first N rows only")
     p.add_argument("--num_steps", type=int, default=None, help="supervision steps per row (default: the model's)")
     p.add_argument("--report_step", type=int, default=None, help="step of the headline numbers")
+    p.add_argument("--halt_threshold", type=float, default=None,
+                   help="P(halt) at which the halting statistics stop a row (default: the model's halt_threshold, "
+                        "unset = the official 0.5)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--output", type=Path, default=None, help="also write the JSON result here")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from .model import TRMPuzzleModel  # model code only when a model is evaluated
-
     args = parse_args(argv)
     for name in ("batch_size", "max_examples", "num_steps", "report_step"):
         value = getattr(args, name)
@@ -235,7 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not (Path(args.model) / "config.json").is_file():
         raise FileNotFoundError(f"{args.model}: no config.json; pass a folder saved by train/train_puzzles.py")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = TRMPuzzleModel.from_pretrained(args.model)
+    overrides = {} if args.halt_threshold is None else {"halt_threshold": args.halt_threshold}
+    model = TRMPuzzleModel.from_pretrained(args.model, **overrides)  # the config checks the threshold
     result = evaluate_model(model, args.data_dir, args.task, split=args.split, batch_size=args.batch_size,
                             max_examples=args.max_examples, num_steps=args.num_steps, report_step=args.report_step,
                             device=device)

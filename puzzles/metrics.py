@@ -7,6 +7,7 @@ ignore_index=0 for raw on-disk labels, where PAD = 0 is the ignored label).
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -61,6 +62,11 @@ def accuracy_per_step(step_preds: Sequence, labels, mask=None, ignore_index: int
     """Exact and cell accuracy after each supervision step, from a list of (B, L) predictions (step 1 first)."""
     return [{"step": i + 1, "exact_accuracy": exact_accuracy(p, labels, mask, ignore_index),
              "cell_accuracy": cell_accuracy(p, labels, mask, ignore_index)} for i, p in enumerate(step_preds)]
+
+
+def halt_logit(probability: float) -> float:
+    """The q_halt value at which sigmoid(q_halt) = probability (inf for 1: never)."""
+    return math.inf if probability >= 1 else math.log(probability / (1 - probability))
 
 
 def halting_summary(steps_used, max_steps: int, halt_logits=None, is_correct=None) -> dict[str, float | list[int]]:

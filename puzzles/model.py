@@ -53,12 +53,20 @@ REMOTE_CODE_MODULE = "modeling_trm_puzzle"  # this file, as saved next to the we
 REMOTE_CODE_DEPENDENCIES = ("configuration_trm.py", "core.py", "modeling_trm.py")  # the trm_lm files it imports
 
 
+OFFICIAL_HALT_PROBABILITY = 0.5  # the official halting rule: q_halt > 0
+
+
 class PuzzleTRMConfig(TRMConfig):
     """TRMConfig for fixed-size grids. Paper/official names: T = cycles (H_cycles), n = latent_steps
     (L_cycles), N_sup = supervision_steps (halt_max_steps), net_layers = L_layers, mixer "mlp" = mlp_t.
 
     `sequence_length` and `max_position_embeddings` are derived: num_cells + puzzle_emb_len. An unset
     `intermediate_size` follows the official rule (a multiple of 256: 1536 for D=512), not the LM's.
+
+    `halt_threshold` is a P(halt) threshold, as for text: at inference (evaluation's `exact_accuracy_at_halt`,
+    `puzzles.solve`, the app) a grid stops once P(halt) = sigmoid(q_halt) exceeds it. None = the official 0.5
+    (q_halt > 0), with halting off by default in the solver; a value = halting on by default, at it.
+    Training always halts slots at the official q_halt > 0.
     """
 
     model_type = "trm_puzzle"
@@ -79,6 +87,11 @@ class PuzzleTRMConfig(TRMConfig):
     halt_exploration_prob: float = 0.1
     loss_type: str = "stablemax"
     recursion: str = "trm"  # "direct": the network applied once (baseline), needs supervision_steps=1
+
+    @property
+    def halt_probability(self) -> float:
+        """The P(halt) at which inference stops a grid (None = the official 0.5)."""
+        return OFFICIAL_HALT_PROBABILITY if self.halt_threshold is None else float(self.halt_threshold)
 
     def __post_init__(self, **kwargs):
         for name in ("num_cells", "num_puzzle_identifiers", "puzzle_emb_len"):

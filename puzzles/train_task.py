@@ -232,7 +232,8 @@ class PuzzleTask(TrainingTask):
         total = min(self.data_args.eval_max_examples or self.test.num_examples, self.test.num_examples)
         is_arc = self.data_args.task.startswith("arc")
         voter = arc_voter(self.data_args.data_dir, self.test.metadata) if is_arc else None
-        scorer = PuzzleScorer(self.data_args.task, num_steps, min(cfg.supervision_steps, num_steps), voter)
+        scorer = PuzzleScorer(self.data_args.task, num_steps, min(cfg.supervision_steps, num_steps), voter,
+                              cfg.halt_probability)
         score_predictor(model_predictor(model, num_steps), PuzzleExampleDataset(self.test), scorer,
                         batch_size=self.eval_batch_size, indices=range(process_index, total, num_processes),
                         device=device)

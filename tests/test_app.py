@@ -160,7 +160,7 @@ def test_puzzle_handler_streams_one_grid_per_step(app_module, solver, one_thread
         assert [digit for _, digit in cells] == [str(d) if d else "·" for d in grid]
         assert [("clue" in kinds, "changed" in kinds) for kinds, _ in cells] == list(zip(puzzle != 0, changed))
         assert [("clash" in kinds) for kinds, _ in cells] == list((puzzle != 0) & (grid != puzzle))
-        assert f"Step {step.step} · q_halt {step.q_halt:+.2f} · {int(changed.sum())} changed</figcaption>" in html
+        assert f"Step {step.step} · P(halt) {step.halt_probability:.2f} · {int(changed.sum())} changed</figcaption>" in html
     assert summary == (f"**Steps:** 5 of 5 (halting off) · **valid Sudoku:** {'yes' if result.valid else 'no'} · "
                        f"**consistent with the clues:** {result.clue_report()}")
 
@@ -170,7 +170,7 @@ def test_puzzle_handler_halts_when_the_model_says_so(app_module, tmp_path, one_t
     puzzle_text = app_module.example_puzzles(halting.shape, count=1)[0]
     (html, status), (final_html, summary) = app_module.solve_updates(halting, puzzle_text, 6, True)
     assert status == "Step 1…" and final_html == html and "halts</figcaption>" in html
-    assert summary.startswith("**Steps:** 1 of 6 (halted at step 1: q_halt > 0; 5 steps saved)")
+    assert summary.startswith("**Steps:** 1 of 6 (halted at step 1: P(halt) 0.98 > 0.5; 5 steps saved)")
 
 
 @pytest.mark.parametrize("puzzle, max_steps, message", [

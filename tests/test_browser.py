@@ -178,7 +178,7 @@ def test_puzzles_tab_shows_the_grid_after_every_step(browser, puzzle_app, tmp_pa
     assert result.steps_description() in status and "consistent with the clues" in status
     for figure, step in zip(figures, result.steps):
         cells = figure.find_elements(By.CSS_SELECTOR, "td.cell")
-        assert len(cells) == 36 and f"Step {step.step} · q_halt" in figure.text
+        assert len(cells) == 36 and f"Step {step.step} · P(halt)" in figure.text
         assert len(figure.find_elements(By.CSS_SELECTOR, "td.changed")) == step.changed.sum()
         amber = {cell.value_of_css_property("background-color")
                  for cell in figure.find_elements(By.CSS_SELECTOR, "td.changed:not(.clash)")}

@@ -255,6 +255,27 @@ def test_a_predictor_returning_the_labels_scores_exactly_one_and_a_wrong_cell_co
     assert result["blank_cell_accuracy"] < 1.0 and result["halting"]["halt_accuracy"] == pytest.approx(3 / 12)
 
 
+def test_the_halting_statistics_stop_each_row_at_the_threshold():
+    """Steps 1-3 wrong then right, with q_halt 1.0 (P 0.73) at step 2 and 3.5 (P 0.97) at step 4: at the official
+    0.5 every row stops at step 2, wrong; at 0.95 at step 4, right."""
+    dataset = sudoku4_dataset()
+    q = torch.tensor([-1.0, 1.0, 1.0, 3.5])
+
+    def late_solver(batch):
+        wrong = batch["labels"].clone()
+        wrong[:, 0] = 0  # a pad token is never a label
+        preds = torch.stack([wrong, wrong, wrong, batch["labels"]])
+        return preds, q[:, None].expand(4, len(preds[0]))
+
+    official = score_predictor(late_solver, dataset, PuzzleScorer("sudoku", 4, 4), batch_size=5).result()["halting"]
+    calibrated = score_predictor(late_solver, dataset, PuzzleScorer("sudoku", 4, 4, halt_probability=0.95),
+                                 batch_size=5).result()["halting"]
+    assert (official["mean_steps"], official["exact_accuracy_at_halt"], official["threshold"]) == (2.0, 0.0, 0.5)
+    assert (calibrated["mean_steps"], calibrated["exact_accuracy_at_halt"], calibrated["threshold"]) == (4.0, 1.0, 0.95)
+    with pytest.raises(ValueError, match=r"must be in \(0, 1\]"):
+        PuzzleScorer("sudoku", 4, 4, halt_probability=0.0)
+
+
 def test_saved_folder_loads_as_remote_code_without_the_packages(tmp_path):
     """Like the LM: save_pretrained writes the modeling code beside the weights (auto_map in config.json), and
     a process that cannot import trm_lm or puzzles loads it with trust_remote_code and predicts the same."""

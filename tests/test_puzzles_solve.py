@@ -71,13 +71,14 @@ def test_steps_stream_one_at_a_time_and_solve_collects_them(solver, puzzle):
 
 
 def test_halting_stops_at_the_first_step_with_q_halt_above_zero(solver, puzzle, monkeypatch):
+    """Unset halt_threshold = the official rule, P(halt) > 0.5, i.e. q_halt > 0."""
     script = iter([-2.0, 0.0, 0.5, 3.0, 1.0, 1.0])  # 0 is not > 0: the rule fires at step 3
     monkeypatch.setattr(solver.model.core, "halt_logits",
                         lambda y: torch.full(y.shape[:2], next(script), dtype=torch.float32))
     result = solver.solve(puzzle, max_steps=6, halting=True)
     assert [s.q_halt for s in result.steps] == [-2.0, 0.0, 0.5]
     assert result.halted and result.steps_used == 3 and result.steps_saved == 3
-    assert result.steps_description() == "3 of 6 (halted at step 3: q_halt > 0; 3 steps saved)"
+    assert result.steps_description() == "3 of 6 (halted at step 3: P(halt) 0.62 > 0.5; 3 steps saved)"
 
 
 def test_a_halting_head_that_always_says_halt_stops_after_one_step(tmp_path, puzzle):
@@ -89,7 +90,29 @@ def test_a_halting_head_that_always_says_halt_stops_after_one_step(tmp_path, puz
     assert everything.steps_used == 4 and not everything.halted
     assert everything.steps_description() == "4 of 4 (halting off)"
     never = load_solver(build_tiny_solver(tmp_path / "never", halt_bias=-4.0)).solve(puzzle, halting=True)
-    assert never.steps_used == TRAINED_STEPS and never.steps_description() == "3 of 3 (q_halt > 0 at no step)"
+    assert never.steps_used == TRAINED_STEPS and never.steps_description() == "3 of 3 (P(halt) > 0.5 at no step)"
+
+
+def test_a_configured_halt_threshold_turns_halting_on_at_that_probability(tmp_path, puzzle, monkeypatch, capsys):
+    folder = build_tiny_solver(tmp_path / "calibrated", halt_bias=0.0, halt_threshold=0.95)
+    solver = load_solver(folder)
+    assert solver.halts_by_default and solver.halt_threshold == 0.95
+    script = iter([2.0, 2.9, 3.5, 5.0, 5.0, 5.0])  # P(halt) 0.88, 0.948, 0.971: above 0.95 only at step 3
+    monkeypatch.setattr(solver.model.core, "halt_logits",
+                        lambda y: torch.full(y.shape[:2], next(script), dtype=torch.float32))
+    result = solver.solve(puzzle, max_steps=6)  # halting on without being asked: the config sets a threshold
+    assert result.steps_used == 3 and result.halted
+    assert result.steps_description() == "3 of 6 (halted at step 3: P(halt) 0.97 > 0.95; 3 steps saved)"
+    assert not solver.solve(puzzle, max_steps=2, halting=False).halting
+    # the CLI: 0 = off, another threshold replaces the model's (a bias of 0: P(halt) = 0.5 at every step)
+    assert main(["--model", str(folder), format_sudoku(puzzle), "--halt_threshold", "0"]) == 0
+    assert capsys.readouterr().out.endswith("steps: 3 of 3 (halting off)\n")
+    assert main(["--model", str(folder), format_sudoku(puzzle), "--halt_threshold", "0.4"]) == 0
+    assert capsys.readouterr().out.endswith("steps: 1 of 3 (halted at step 1: P(halt) 0.50 > 0.4; 2 steps saved)\n")
+    assert main(["--model", str(folder), format_sudoku(puzzle)]) == 0
+    assert capsys.readouterr().out.endswith("steps: 3 of 3 (P(halt) > 0.95 at no step)\n")
+    assert main(["--model", str(folder), format_sudoku(puzzle), "--halt_threshold", "1.5"]) == 2
+    assert "--halt_threshold must be in [0, 1]" in capsys.readouterr().err
 
 
 def test_valid_and_consistent_judge_the_answer_honestly(puzzle):
@@ -222,7 +245,8 @@ def test_cli_show_steps_prints_every_grid_with_its_changed_cells(tiny_solver_dir
     assert len(blocks) == 5
     for step, block in zip(result.steps, blocks):
         header, *board = block.splitlines()
-        assert header.startswith(f"step {step.step}: q_halt {step.q_halt:+.3f}, {int(step.changed.sum())} cell(s)")
+        assert header.startswith(f"step {step.step}: P(halt) {step.halt_probability:.3f}, "
+                                 f"{int(step.changed.sum())} cell(s)")
         assert "\n".join(board) == board_text(step.grid, SHAPE, step.changed)
         assert "".join(board).count("*") == step.changed.sum()
 
@@ -230,7 +254,7 @@ def test_cli_show_steps_prints_every_grid_with_its_changed_cells(tiny_solver_dir
 def test_cli_halts_only_when_asked(tmp_path, puzzle, capsys):
     halting = str(build_tiny_solver(tmp_path / "halts", halt_bias=4.0))
     assert main(["--model", halting, format_sudoku(puzzle), "--max_steps", "6", "--halt"]) == 0
-    assert capsys.readouterr().out.endswith("steps: 1 of 6 (halted at step 1: q_halt > 0; 5 steps saved)\n")
+    assert capsys.readouterr().out.endswith("steps: 1 of 6 (halted at step 1: P(halt) 0.98 > 0.5; 5 steps saved)\n")
     assert main(["--model", halting, format_sudoku(puzzle)]) == 0
     assert capsys.readouterr().out.endswith("steps: 3 of 3 (halting off)\n")
 

@@ -233,7 +233,7 @@ def check_puzzle_solution(run: Run) -> None:
     if run.command.flag("--model") is None:
         assert valid.group(1) == "yes", "the shipped solver does not solve the README's example"
     if "--show_steps" in run.command.words():
-        assert re.search(r"^step 1: q_halt ", run.stdout, flags=re.M), "no grid after step 1"
+        assert re.search(r"^step 1: P\(halt\) ", run.stdout, flags=re.M), "no grid after step 1"
 
 
 def reads_shared_data(command: Command, root: Path) -> bool:
