@@ -42,7 +42,7 @@ from transformers import LlamaForCausalLM  # noqa: E402
 
 from trm_lm import TRMForCausalLM  # noqa: E402
 from trm_lm.baselines import llama_config_from_trm, trm_config_from_flags  # noqa: E402
-from trm_lm.training import load_config  # noqa: E402
+from trm_lm.arguments import load_config  # noqa: E402
 
 BASE_CONFIG = REPO / "train" / "configs" / "recipe-study.yaml"
 RUNS = {  # name -> (label, flags on top of BASE_CONFIG)

@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 import trm_lm  # noqa: E402,F401  (registers the TRM classes)
 from trm_lm.data import read_documents  # noqa: E402
 from trm_lm.evaluate import bits_per_byte  # noqa: E402
-from trm_lm.training import apply_smoke_limits, smoke_run  # noqa: E402
+from trm_lm.arguments import apply_smoke_limits, smoke_run  # noqa: E402
 
 from results_path import add_results_flags, results_path  # noqa: E402
 

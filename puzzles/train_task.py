@@ -39,7 +39,8 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from torch.utils.data import Dataset
 
-from trm_lm.training import TrainingArguments, TrainingTask, init_weights_from, parse_args, run_training
+from trm_lm.arguments import TrainingArguments, parse_args
+from trm_lm.training import TrainingTask, init_weights_from, run_training
 
 from . import sudoku
 from .evaluate import (PuzzleScorer, arc_voter, check_task, flat_metrics, model_predictor, score_predictor)

@@ -9,7 +9,7 @@ The slow test runs every runnable command, as written, through bash, in README o
 run side by side (the language-model training blocks, and the rest), each in its own scratch copy of
 the checkout (the files git tracks or would track, so new files count; `../shared` points at the real data
 next to the real checkout). Long commands are shrunk by one environment variable, never by editing them:
-TRM_LM_SMOKE=1 (trm_lm.training.smoke_run) caps training to 2 optimizer steps of 2 examples and evaluations
+TRM_LM_SMOKE=1 (trm_lm.arguments.smoke_run) caps training to 2 optimizer steps of 2 examples and evaluations
 to a few documents, and every shrunk command says so on stderr. Servers are started, asked for their page
 on loopback and stopped.
 """

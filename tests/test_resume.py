@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trm_lm.training import (CHECKPOINT_MARKER, find_latest_checkpoint, list_checkpoints, remove_partial_checkpoints,
-                             resolve_checkpoint, validate_checkpoint)
+from trm_lm.checkpointing import (CHECKPOINT_MARKER, find_latest_checkpoint, list_checkpoints, remove_partial_checkpoints,
+                                  resolve_checkpoint, validate_checkpoint)
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 40

@@ -129,7 +129,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    from .training import load_config
+    from .arguments import load_config
 
     parser = argparse.ArgumentParser(description="Parameter- and FLOP-matched Llama baselines for a TRM config.")
     parser.add_argument("--config", required=True, help="a training YAML config (train/configs/*.yaml)")

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from trm_lm.core import IGNORE_INDEX
 from trm_lm.data import load_or_train_tokenizer, read_documents
 from trm_lm.metrics import BITS_PER_BYTE
-from trm_lm.training import apply_smoke_limits, smoke_run
+from trm_lm.arguments import apply_smoke_limits, smoke_run
 
 SMOKE_MAX_DOCUMENTS = 2  # TRM_LM_SMOKE=1: the CLI only checks that it works
 

@@ -22,7 +22,8 @@ from .data import expand_data_files, load_or_train_tokenizer, load_text_datasets
 from .evaluate import bits_per_byte
 from .model_card import TRM_PAPER, render_model_card
 from .modeling_trm import TRMForCausalLM
-from .training import TrainingArguments, TrainingTask, init_weights_from, parse_args, process_state, run_training
+from .arguments import TrainingArguments, parse_args
+from .training import TrainingTask, init_weights_from, process_state, run_training
 
 
 @dataclass
@@ -84,7 +85,7 @@ class ModelArguments:
                           "latent_steps) may differ from the one it was trained with; the shapes may not."})
 
 
-# TRM_LM_SMOKE=1 (trm_lm.training.smoke_run): besides the step counts, score only a few documents.
+# TRM_LM_SMOKE=1 (trm_lm.arguments.smoke_run): besides the step counts, score only a few documents.
 SMOKE_DOCUMENT_LIMITS = {"max_eval_documents": 2, "max_report_documents": 2}
 
 
