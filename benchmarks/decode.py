@@ -75,20 +75,20 @@ def main(argv=None):
 
     rows = []
     for n in args.new_tokens:
-        cached_s, cached = timed_generate(model, prompt, n, use_cache=True, halt_threshold=None)
+        cached_s, cached = timed_generate(model, prompt, n, use_cache=True, halt_threshold=0)
         row = {"new_tokens": n, "cached_tokens_per_s": n / cached_s, "cached_seconds": cached_s}
         if n <= args.uncached_max:
-            uncached_s, uncached = timed_generate(model, prompt, n, use_cache=False, halt_threshold=None)
+            uncached_s, uncached = timed_generate(model, prompt, n, use_cache=False, halt_threshold=0)
             row.update(uncached_tokens_per_s=n / uncached_s, uncached_seconds=uncached_s,
                        speedup=uncached_s / cached_s, identical=bool(torch.equal(cached, uncached)))
-        static_s, static = timed_generate(model, prompt, n, cache_implementation="static", halt_threshold=None)
+        static_s, static = timed_generate(model, prompt, n, cache_implementation="static", halt_threshold=0)
         row.update(static_tokens_per_s=n / static_s, static_identical=bool(torch.equal(static, cached)))
         rows.append(row)
 
     act_rows = []
     n = min(args.new_tokens)
     for threshold in [None, *args.halt_thresholds]:
-        act = dict(halt_threshold=threshold, halt_criterion=args.halt_criterion)
+        act = dict(halt_threshold=threshold or 0, halt_criterion=args.halt_criterion)  # 0 = off
         seconds, out = timed_generate(model, prompt, n, use_cache=True, **act)
         steps = model(out, use_cache=False, **act).steps_used.float()
         act_rows.append({"halt_threshold": threshold, "new_tokens": n, "tokens_per_s": n / seconds,
@@ -101,7 +101,7 @@ def main(argv=None):
         prompts = torch.randint(2, cfg.vocab_size, (args.batch_size, 8), generator=torch.Generator().manual_seed(1))
         mask = torch.ones_like(prompts)
         for threshold in [None, *args.halt_thresholds]:
-            act = dict(halt_threshold=threshold, halt_criterion=args.halt_criterion)
+            act = dict(halt_threshold=threshold or 0, halt_criterion=args.halt_criterion)  # 0 = off
             seconds, out = timed_generate(model, prompts, n, attention_mask=mask, **act)
             alone = torch.cat([timed_generate(model, p[None], n, **act)[1] for p in prompts])
             steps = model(out, use_cache=False, **act).steps_used.float()

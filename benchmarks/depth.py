@@ -99,13 +99,14 @@ def main(argv=None):
     with tqdm(total=len(depths) + len(act_settings), desc="scoring", unit="setting") as progress:
         for steps in depths:
             row = {"supervision_steps": steps, **score(model, tokenizer, documents, supervision_steps=steps,
-                                                        halt_threshold=None)}
+                                                        halt_threshold=0)}
             results["depth"].append(row)
             progress.set_postfix(steps=steps, bpb=f"{row['bits_per_byte']:.4f}")
             progress.update()
         for criterion, threshold in act_settings:
             row = {"criterion": criterion, "threshold": threshold,
-                   **score(model, tokenizer, documents, halt_threshold=threshold, halt_criterion=criterion)}
+                   **score(model, tokenizer, documents, halt_threshold=threshold or 0,  # 0 = off
+                           halt_criterion=criterion)}
             results["act"].append(row)
             progress.set_postfix(rule=criterion, threshold=threshold, bpb=f"{row['bits_per_byte']:.4f}")
             progress.update()

@@ -83,9 +83,9 @@ def main(argv=None):
     full = {}
     for threshold in [None, *args.halt_thresholds]:
         full[threshold] = bits_per_byte(model, tokenizer, documents, batch_size=args.batch_size,
-                                        forward_kwargs={"halt_threshold": threshold})["bits_per_byte"]
+                                        forward_kwargs={"halt_threshold": threshold or 0})["bits_per_byte"]
         for shared in (False, True):
-            kwargs = {"halt_threshold": threshold, "share_step_cache": shared}
+            kwargs = {"halt_threshold": threshold or 0, "share_step_cache": shared}  # 0 = off
             score = bits_per_byte(CachedScorer(model, **kwargs).eval(), tokenizer, documents, batch_size=args.batch_size,
                                   context_length=512)["bits_per_byte"]
             cache = DynamicCache(config=cfg)

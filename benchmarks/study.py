@@ -91,7 +91,7 @@ def act_curve(model, tokenizer, documents, sweep: dict[str, list[float]] = ACT_S
         for threshold in [None] + thresholds if criterion == "head" else thresholds:
             counter = StepCounter(model)
             scores = bits_per_byte(counter, tokenizer, documents, batch_size=8,
-                                   forward_kwargs=dict(halt_threshold=threshold, halt_criterion=criterion))
+                                   forward_kwargs=dict(halt_threshold=threshold or 0, halt_criterion=criterion))  # 0 = off
             mean_steps = counter.steps / counter.positions
             points.append({"criterion": criterion if threshold is not None else "off", "threshold": threshold,
                            "bits_per_byte": scores["bits_per_byte"], "mean_supervision_steps": mean_steps,

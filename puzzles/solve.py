@@ -165,7 +165,7 @@ class SudokuSolver:
     @property
     def halts_by_default(self) -> bool:
         """Whether the model's config asks for halting (it sets a halt_threshold)."""
-        return self.model.config.halt_threshold is not None
+        return bool(self.model.config.halt_threshold)
 
     def check_halting(self, halting) -> bool:
         """None -> the model's default; else True / False."""

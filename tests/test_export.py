@@ -114,7 +114,7 @@ def test_onnx_step_gives_pytorch_greedy_tokens(tiny_model_dir, tmp_path, capsys)
     # the decoding loop itself: same tokens as generate() from another prompt, and its length limit
     model, tokenizer = load_model(tiny_model_dir)
     prompt = tokenizer("The little dog was sad").input_ids
-    want = model.generate(torch.tensor([prompt]), max_new_tokens=70, do_sample=False, halt_threshold=None,
+    want = model.generate(torch.tensor([prompt]), max_new_tokens=70, do_sample=False, halt_threshold=0,
                           eos_token_id=[], pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
     decoder = OnnxDecoder(out / "model.onnx")
     assert onnx_greedy(decoder, prompt, 70) == want

@@ -255,7 +255,7 @@ def test_forced_halt_equals_one_supervision_step_and_saves_net_applications():
     model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False, halt_threshold=0.5)
     with_act = len(calls)
     calls.clear()
-    model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False, halt_threshold=None)
+    model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False, halt_threshold=0)
     hook.remove()
     assert with_act * 3 == len(calls)  # one supervision step instead of three
 
@@ -322,7 +322,7 @@ def test_act_in_a_batch_halted_rows_leave_and_tokens_equal_batch_one():
     batch_rows, rows[0] = rows[0], 0
     alone = torch.cat([model.generate(p[None], **kwargs) for p in prompts])
     alone_rows, rows[0] = rows[0], 0
-    model.generate(prompts, attention_mask=torch.ones_like(prompts), **{**kwargs, "halt_threshold": None})
+    model.generate(prompts, attention_mask=torch.ones_like(prompts), **{**kwargs, "halt_threshold": 0})
     remove()
     assert torch.equal(batch, alone)
     assert batch_rows == alone_rows < rows[0]  # fewer than with every row computing every step
@@ -396,12 +396,22 @@ def test_shared_step_cache_is_inference_only():
         model(ids, cache=DynamicCache(config=model.config), share_step_cache=True)
 
 
-def test_halt_threshold_validation():
-    model = tiny_model()
+def test_halt_threshold_validation_and_its_one_meaning():
+    """None = the config's threshold, 0 = off, (0, 1] = a P(halt); nothing else (no "> 1 = off")."""
+    model = tiny_model(supervision_steps=3)
     ids = torch.ones(1, 3, dtype=torch.long)
-    for bad in (0.0, -0.5, float("nan")):
+    for bad in (1.5, -0.5, float("nan")):
         with pytest.raises(ValueError, match="halt_threshold"):
             model(ids, halt_threshold=bad)
+    make_halting_mixed(model)
+    prompt = torch.randint(1, 61, (1, 6))
+    steps = lambda **kw: model(prompt, **kw).steps_used  # noqa: E731
+    assert (steps(halt_threshold=0) == 3).all() and (steps() == 3).all()  # off; the config sets none
+    model.config.halt_threshold = 0.5
+    assert torch.equal(steps(), steps(halt_threshold=0.5)) and (steps() < 3).any()  # None = the config's
+    assert (steps(halt_threshold=0) == 3).all()  # 0 = off, whatever the config says
+    assert (steps(halt_threshold=0, halt_criterion="kl") == 3).all()
+    assert (steps(halt_criterion="entropy") == 3).all()  # the config's P(halt) is not a threshold in nats
     model.train()
     with pytest.raises(ValueError, match="inference"):
         model(ids, labels=ids, halt_threshold=0.5)

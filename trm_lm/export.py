@@ -161,7 +161,7 @@ class DecodingStep(nn.Module):
         # the window is left-aligned: its last `position` slots are real tokens, then this token
         attention_mask = (torch.arange(self.window + 1, device=input_ids.device) >= self.window - position).long()
         out = self.model(input_ids, attention_mask=attention_mask[None], position_ids=position.view(1, 1),
-                         cache=cache, use_cache=True, halt_threshold=None)
+                         cache=cache, use_cache=True, halt_threshold=0)
         keys = torch.stack([layer.keys[:, :, 1:] for layer in cache.layers])  # drop the oldest slot
         values = torch.stack([layer.values[:, :, 1:] for layer in cache.layers])
         return out.logits[:, -1].float(), keys, values
@@ -249,7 +249,7 @@ def compare_with_pytorch(model, tokenizer, onnx_path, new_tokens: int, prompt: s
     prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids or [tokenizer.bos_token_id]
     ids = torch.tensor([prompt_ids])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                         halt_threshold=None, eos_token_id=[], pad_token_id=tokenizer.pad_token_id,
+                         halt_threshold=0, eos_token_id=[], pad_token_id=tokenizer.pad_token_id,
                          output_logits=True, return_dict_in_generate=True)
     reference = out.sequences[0, len(prompt_ids):].tolist()
     decoder = OnnxDecoder(onnx_path)

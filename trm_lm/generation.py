@@ -398,7 +398,7 @@ def generate_kwargs(model, tokenizer, settings: GenerationSettings) -> dict:
         raise ValueError(f"halt_threshold, supervision_steps and share_step_cache are TRM controls; this model is "
                          f"{getattr(model.config, 'model_type', type(model).__name__)!r}")
     if settings.halt_threshold is not None:
-        kwargs["halt_threshold"] = settings.halt_threshold or None  # 0 = off = None for the model
+        kwargs["halt_threshold"] = settings.halt_threshold  # the model's meaning too: 0 = off
     if settings.supervision_steps is not None:
         trained = model.config.supervision_steps
         if settings.supervision_steps > TEST_TIME_DEPTH * trained:

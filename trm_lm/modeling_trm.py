@@ -36,7 +36,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .configuration_trm import TRMConfig
 from .core import IGNORE_INDEX, RecursionCache, SelfAttention, TRMCore, init_trm_weights
 
-_FROM_CONFIG = "config"  # halt_threshold default: use config.halt_threshold
+def resolve_halt_threshold(value, config, training: bool):
+    """One meaning everywhere (forward, generation settings, CLI, app): None = use the config's, 0 = off.
+    Training runs every step. Returns the threshold to apply, or None for off."""
+    if value is None:
+        value = None if training else config.halt_threshold
+    return None if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0) \
+        else value
 
 # transformers 5.24 renamed the KV cache from `past_key_values` to `cache` in generate()'s model inputs, in
 # the model outputs and in the mask helpers. The names the installed version uses, so that every 5.x in the
@@ -200,7 +206,8 @@ class TRMPreTrainedModel(PreTrainedModel):
 
 
 def halt_rule(criterion, threshold, lm_head=None):
-    """The per-token stopping rule for `threshold` under `criterion` (None = run every step).
+    """The per-token stopping rule for `threshold` under `criterion` (None = run every step; resolve "use the
+    config" and "0 = off" first with `resolve_halt_threshold`).
 
     Returns None or rule(y, halt_logits) -> (B, T) bool. "entropy" and "kl" read next-token distributions,
     so they need the model's `lm_head`.
@@ -214,9 +221,9 @@ def halt_rule(criterion, threshold, lm_head=None):
     except (TypeError, ValueError):
         raise ValueError(f"halt_threshold must be a number or None, got {threshold!r}") from None
     if criterion == "head":
-        if not threshold > 0:  # also catches NaN
-            raise ValueError(f"halt_threshold must be > 0 (values > 1 disable halting), got {threshold!r}")
-        return None if threshold > 1 else (lambda y, logits: torch.sigmoid(logits) >= threshold)
+        if not 0 < threshold <= 1:  # also catches NaN
+            raise ValueError(f"halt_threshold is a probability: in (0, 1], or 0 = off, got {threshold!r}")
+        return lambda y, logits: torch.sigmoid(logits) >= threshold
     if not (threshold >= 0 and math.isfinite(threshold)):
         raise ValueError(f"halt_threshold for halt_criterion={criterion!r} is in nats and must be finite and "
                          f">= 0, got {threshold!r}")
@@ -316,12 +323,11 @@ class TRMModel(TRMPreTrainedModel):
                 halted = now if halted is None else halted | now
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
-                inputs_embeds=None, use_cache=None, supervision_steps=None, halt_threshold=_FROM_CONFIG,
+                inputs_embeds=None, use_cache=None, supervision_steps=None, halt_threshold=None,
                 share_step_cache=False, past_key_values=None, **kwargs):
         """The answer state y after the last step. halt_threshold: as TRMForCausalLM's (head rule only)."""
         cache = _one_cache(cache, past_key_values)
-        if isinstance(halt_threshold, str) and halt_threshold == _FROM_CONFIG:
-            halt_threshold = None if self.training else self.config.halt_threshold
+        halt_threshold = resolve_halt_threshold(halt_threshold, self.config, self.training)
         want_hidden, want_attentions, return_dict = _output_flags(self.config, kwargs)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         rule = halt_rule("head", halt_threshold)  # no LM head here, so only the trained halt head can stop
@@ -361,15 +367,15 @@ class TRMForCausalLM(TRMPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, supervision_steps=None,
-                halt_threshold=_FROM_CONFIG, halt_criterion="head", output_step_topk=0, share_step_cache=False,
+                halt_threshold=None, halt_criterion="head", output_step_topk=0, share_step_cache=False,
                 past_key_values=None, **kwargs) -> TRMCausalLMOutputWithPast:
         """Standard causal-LM forward, plus TRM controls.
 
         supervision_steps: run only the first k steps (inference; default all).
-        halt_threshold: per-token early exit; default = config.halt_threshold (ignored in training, which
-            runs every step); None = off.
+        halt_threshold: per-token early exit; None = config.halt_threshold (ignored in training, which runs
+            every step), 0 = off, as in GenerationSettings, the CLIs and the app.
         halt_criterion: what the threshold applies to, after each step:
-            "head"    the trained halt head: stop when P(halt) >= threshold (in (0, 1]; > 1 = off);
+            "head"    the trained halt head: stop when P(halt) >= threshold (in (0, 1]);
             "entropy" training-free: stop when the next-token entropy (nats) <= threshold;
             "kl"      training-free: stop when KL(p_step || p_previous_step) (nats) <= threshold.
         output_step_topk: return the top-k next-token predictions after every step (inspection).
@@ -380,9 +386,10 @@ class TRMForCausalLM(TRMPreTrainedModel, GenerationMixin):
         cfg = self.config
         cache = _one_cache(cache, past_key_values)
         want_hidden, want_attentions, return_dict = _output_flags(cfg, kwargs)
-        from_config = isinstance(halt_threshold, str) and halt_threshold == _FROM_CONFIG
-        if from_config:  # a checkpoint whose config sets a threshold can still be fine-tuned
-            halt_threshold = None if self.training else cfg.halt_threshold
+        # None = the config's (off in training: a checkpoint whose config sets a threshold can still be fine-tuned);
+        # the config's threshold is a P(halt), so the training-free criteria take theirs from the caller only
+        if halt_criterion == "head" or halt_threshold is not None:
+            halt_threshold = resolve_halt_threshold(halt_threshold, cfg, self.training)
         rule = halt_rule(halt_criterion, halt_threshold, self.lm_head)
         if rule is not None and self.training:
             raise ValueError("halt_threshold is an inference-time setting; training runs every supervision step")
@@ -446,7 +453,7 @@ class TRMForCausalLM(TRMPreTrainedModel, GenerationMixin):
 
     # ----- inspection ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def inspect(self, input_ids, top_k: int = 3, halt_threshold=_FROM_CONFIG, supervision_steps=None,
+    def inspect(self, input_ids, top_k: int = 3, halt_threshold=None, supervision_steps=None,
                 halt_criterion="head", **generate_kwargs) -> list[dict]:
         """Generate, then report for every generated token what the recursion did.
 
@@ -465,7 +472,7 @@ class TRMForCausalLM(TRMPreTrainedModel, GenerationMixin):
         return self.step_records(sequences, input_ids.shape[1], top_k=top_k, **control)[0]
 
     @torch.no_grad()
-    def step_records(self, sequences, prompt_lengths, top_k: int = 3, halt_threshold=_FROM_CONFIG,
+    def step_records(self, sequences, prompt_lengths, top_k: int = 3, halt_threshold=None,
                      supervision_steps=None, halt_criterion="head", attention_mask=None) -> list[list[dict]]:
         """inspect()'s records for sequences already generated, one list per row.
 

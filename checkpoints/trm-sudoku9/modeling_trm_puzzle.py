@@ -65,7 +65,8 @@ class PuzzleTRMConfig(TRMConfig):
 
     `halt_threshold` is a P(halt) threshold, as for text: at inference (evaluation's `exact_accuracy_at_halt`,
     `puzzles.solve`, the app) a grid stops once P(halt) = sigmoid(q_halt) exceeds it. None = the official 0.5
-    (q_halt > 0), with halting off by default in the solver; a value = halting on by default, at it.
+    (q_halt > 0), with halting off by default in the solver (so is 0, "off", as everywhere); a value = halting on
+    by default, at it.
     Training always halts slots at the official q_halt > 0.
     """
 
@@ -91,7 +92,7 @@ class PuzzleTRMConfig(TRMConfig):
     @property
     def halt_probability(self) -> float:
         """The P(halt) at which inference stops a grid (None = the official 0.5)."""
-        return OFFICIAL_HALT_PROBABILITY if self.halt_threshold is None else float(self.halt_threshold)
+        return float(self.halt_threshold) if self.halt_threshold else OFFICIAL_HALT_PROBABILITY
 
     def __post_init__(self, **kwargs):
         for name in ("num_cells", "num_puzzle_identifiers", "puzzle_emb_len"):

@@ -36,7 +36,7 @@ class TRMConfig(PreTrainedConfig):
     cycles: int = 2
     supervision_steps: int = 2
     backprop_all_cycles: bool = False  # official: only the last of the T cycles has gradient
-    halt_threshold: float | None = None  # inference-time per-token exit; None = run every step
+    halt_threshold: float | None = None  # inference-time per-token exit at P(halt) >= it; None or 0 = off
     halt_loss_weight: float = 0.5  # official ACTLossHead weight of the halting BCE
     max_position_embeddings: int = 1024
     rope_theta: float = 10000.0
@@ -101,8 +101,8 @@ class TRMConfig(PreTrainedConfig):
             if not isinstance(self.sequence_length, int) or self.sequence_length < 1:
                 raise ValueError("mixer='mlp' needs a fixed sequence_length (a positive integer)")
         halt = self.halt_threshold
-        if halt is not None and not (_is_number(halt) and 0.0 < halt <= 1.0):
-            raise ValueError(f"TRMConfig.halt_threshold must be in (0, 1] or None, got {self.halt_threshold!r}")
+        if halt is not None and not (_is_number(halt) and 0.0 <= halt <= 1.0):
+            raise ValueError(f"TRMConfig.halt_threshold must be in (0, 1], or 0 / None = off, got {self.halt_threshold!r}")
         if not (_is_number(self.embedding_dropout) and 0.0 <= self.embedding_dropout < 1.0):
             raise ValueError(f"TRMConfig.embedding_dropout must be in [0, 1), got {self.embedding_dropout!r}")
         if not (_is_number(self.halt_loss_weight) and 0 <= self.halt_loss_weight < math.inf):
