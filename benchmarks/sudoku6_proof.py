@@ -92,7 +92,7 @@ def run_arm(args) -> dict:
     torch.manual_seed(args.seed)
     arm = ARMS[args.arm]
     data_args = PuzzleDataArguments(task="sudoku", data_dir=str(args.data_dir), num_aug=1000,
-                                    eval_max_examples=args.eval_examples, eval_num_steps=arm["eval_steps"])
+                                    eval_max_examples=args.eval_examples, eval_supervision_steps=arm["eval_steps"])
     model_args = PuzzleModelArguments(
         hidden_size=64, num_attention_heads=2, net_layers=arm["net_layers"], cycles=2, latent_steps=2,
         supervision_steps=arm["supervision_steps"], mixer="mlp", position_encoding="learned", puzzle_emb_len=1,

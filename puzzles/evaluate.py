@@ -2,11 +2,11 @@
 statistics, maze path validity and ARC pass@k (voting over augmentations); JSON out.
 
     python -m puzzles.evaluate --model outputs/sudoku --task sudoku --data_dir data/sudoku-extreme
-    python -m puzzles.evaluate --model outputs/arc1 --task arc1 --data_dir data/arc1 --num_steps 16 --output arc1.json
+    python -m puzzles.evaluate --model outputs/arc1 --task arc1 --data_dir data/arc1 --supervision_steps 16 --output arc1.json
 
-Every row runs `--num_steps` supervision steps (default: the model's supervision_steps, as the official
+Every row runs `--supervision_steps` steps (default: the model's supervision_steps, as the official
 evaluation: no early exit) and its prediction is recorded after each. Headline numbers are taken after
-`--report_step` steps (default: the trained supervision_steps, or num_steps if fewer); `per_step` has the
+`--report_step` steps (default: the trained supervision_steps, or fewer if fewer are run); `per_step` has the
 whole curve. `halting` says what adaptive halting would do: a row stops at its first step with
 P(halt) = sigmoid(q_halt) > the model's halt_threshold (`--halt_threshold`; unset: the official 0.5, i.e.
 q_halt > 0), else at report_step; `exact_accuracy_at_halt` scores the prediction there.
@@ -70,18 +70,18 @@ def merge_arc_votes(into: metrics.ARCVoter, other: metrics.ARCVoter) -> None:
 class PuzzleScorer:
     """Accumulates the counts behind every reported metric, batch by batch; `merge` combines processes."""
 
-    def __init__(self, task: str, num_steps: int, report_step: int, voter: metrics.ARCVoter | None = None,
+    def __init__(self, task: str, supervision_steps: int, report_step: int, voter: metrics.ARCVoter | None = None,
                  halt_probability: float = OFFICIAL_HALT_PROBABILITY):
-        if not 1 <= report_step <= num_steps:
-            raise ValueError(f"report_step must be in 1..num_steps={num_steps}, got {report_step}")
+        if not 1 <= report_step <= supervision_steps:
+            raise ValueError(f"report_step must be in 1..supervision_steps={supervision_steps}, got {report_step}")
         if not 0 < halt_probability <= 1:
             raise ValueError(f"the halt threshold must be in (0, 1], got {halt_probability}")
-        self.task, self.num_steps, self.report_step, self.voter = task, num_steps, report_step, voter
+        self.task, self.supervision_steps, self.report_step, self.voter = task, supervision_steps, report_step, voter
         self.halt_probability, self.halt_logit = halt_probability, halt_logit(halt_probability)
         self.examples = 0
-        self.exact = np.zeros(num_steps)  # per step: rows whose whole grid is right
-        self.cells = np.zeros((2, num_steps))  # per step: (right supervised cells, supervised cells)
-        self.blank_cells = np.zeros((2, num_steps))  # sudoku: the same over the cells blank in the input
+        self.exact = np.zeros(supervision_steps)  # per step: rows whose whole grid is right
+        self.cells = np.zeros((2, supervision_steps))  # per step: (right supervised cells, supervised cells)
+        self.blank_cells = np.zeros((2, supervision_steps))  # sudoku: the same over the cells blank in the input
         self.valid_paths = 0  # maze: valid and optimal paths at report_step
         self.steps_used: list[np.ndarray] = []  # adaptive halting: first step with P(halt) > threshold, else the last
         self.exact_at_halt = 0
@@ -91,8 +91,8 @@ class PuzzleScorer:
     def update(self, batch: dict[str, torch.Tensor], step_preds: torch.Tensor, step_q_halt: torch.Tensor) -> None:
         preds, q = step_preds.detach().cpu().numpy(), step_q_halt.detach().float().cpu().numpy()  # (S, B, L), (S, B)
         inputs, labels = batch["inputs"].cpu().numpy(), batch["labels"].cpu().numpy()
-        if preds.shape[0] != self.num_steps or preds.shape[1:] != labels.shape:
-            raise ValueError(f"predictions {preds.shape} do not match {self.num_steps} steps x labels {labels.shape}")
+        if preds.shape[0] != self.supervision_steps or preds.shape[1:] != labels.shape:
+            raise ValueError(f"predictions {preds.shape} do not match {self.supervision_steps} steps x labels {labels.shape}")
         blanks = metrics.blank_mask(inputs, BLANK_TOKEN) & (labels != metrics.IGNORE_INDEX) \
             if self.task == "sudoku" else None
         exact = np.stack([metrics.exact_matches(p, labels) for p in preds])  # (S, B)
@@ -136,13 +136,13 @@ class PuzzleScorer:
         n = self.examples
         ratio = lambda right, total: float(right / total) if total else float("nan")  # noqa: E731
         per_step = []
-        for s in range(self.num_steps):
+        for s in range(self.supervision_steps):
             row = {"step": s + 1, "exact_accuracy": float(self.exact[s] / n),
                    "cell_accuracy": ratio(*self.cells[:, s])}
             if self.task == "sudoku":
                 row["blank_cell_accuracy"] = ratio(*self.blank_cells[:, s])
             per_step.append(row)
-        out = {"task": self.task, "num_examples": n, "num_steps": self.num_steps, "report_step": self.report_step,
+        out = {"task": self.task, "num_examples": n, "supervision_steps": self.supervision_steps, "report_step": self.report_step,
                **{k: v for k, v in per_step[self.report_step - 1].items() if k != "step"}}
         if self.task == "maze":
             out["valid_path_accuracy"] = float(self.valid_paths / n)
@@ -182,12 +182,12 @@ def score_predictor(predict: Predictor, dataset: PuzzleExampleDataset, scorer: P
     return scorer
 
 
-def model_predictor(model, num_steps: int) -> Predictor:
-    return lambda batch: model.predict(batch, num_steps)
+def model_predictor(model, supervision_steps: int) -> Predictor:
+    return lambda batch: model.predict(batch, supervision_steps)
 
 
 def evaluate_model(model, data_dir: str | Path, task: str, *, split: str = "test", batch_size: int = 256,
-                   max_examples: int | None = None, num_steps: int | None = None, report_step: int | None = None,
+                   max_examples: int | None = None, supervision_steps: int | None = None, report_step: int | None = None,
                    device: torch.device | str | None = None) -> dict:
     """Single-process evaluation of `model` (a TRMPuzzleModel) on `data_dir/split`; returns the result dict.
     Halting statistics use `model.config.halt_probability`."""
@@ -196,12 +196,12 @@ def evaluate_model(model, data_dir: str | Path, task: str, *, split: str = "test
     check_compatible(model.config, data.metadata, str(Path(data_dir) / split))
     device = torch.device(device) if device else next(model.parameters()).device
     model.to(device).eval()
-    num_steps = num_steps or model.config.supervision_steps
-    report_step = report_step or min(model.config.supervision_steps, num_steps)
+    steps = supervision_steps or model.config.supervision_steps
+    report_step = report_step or min(model.config.supervision_steps, steps)
     voter = arc_voter(data_dir, data.metadata) if task.startswith("arc") else None
-    scorer = PuzzleScorer(task, num_steps, report_step, voter, model.config.halt_probability)
+    scorer = PuzzleScorer(task, steps, report_step, voter, model.config.halt_probability)
     rows = range(min(max_examples, data.num_examples)) if max_examples else None
-    return score_predictor(model_predictor(model, num_steps), PuzzleExampleDataset(data), scorer,
+    return score_predictor(model_predictor(model, steps), PuzzleExampleDataset(data), scorer,
                            batch_size=batch_size, indices=rows, device=device).result()
 
 
@@ -226,7 +226,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--max_examples", type=int, default=None, help="evaluate the first N rows only")
-    p.add_argument("--num_steps", type=int, default=None, help="supervision steps per row (default: the model's)")
+    p.add_argument("--supervision_steps", "--num_steps", type=int, default=None, dest="supervision_steps",
+                   help="N_sup: supervision steps run on every row (default: the model's; --num_steps is the old name)")
     p.add_argument("--report_step", type=int, default=None, help="step of the headline numbers")
     p.add_argument("--halt_threshold", type=float, default=None,
                    help="P(halt) at which the halting statistics stop a row (default: the model's halt_threshold, "
@@ -238,7 +239,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    for name in ("batch_size", "max_examples", "num_steps", "report_step"):
+    for name in ("batch_size", "max_examples", "supervision_steps", "report_step"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}")
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = {} if args.halt_threshold is None else {"halt_threshold": args.halt_threshold}
     model = TRMPuzzleModel.from_pretrained(args.model, **overrides)  # the config checks the threshold
     result = evaluate_model(model, args.data_dir, args.task, split=args.split, batch_size=args.batch_size,
-                            max_examples=args.max_examples, num_steps=args.num_steps, report_step=args.report_step,
+                            max_examples=args.max_examples, supervision_steps=args.supervision_steps, report_step=args.report_step,
                             device=device)
     result = {"model": str(args.model), "data_dir": str(args.data_dir), "split": args.split, **result}
     text = json.dumps(result, indent=2)

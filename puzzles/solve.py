@@ -220,8 +220,8 @@ class SudokuSolver:
                  "puzzle_identifiers": torch.tensor([PUZZLE_IDENTIFIER], device=device)}  # (1,)
         carry, previous = None, puzzle
         for step in range(1, max_steps + 1):
-            # halt_max_steps: the model itself must not reset the carry before our last step
-            out = self.model(carry, batch, halt_max_steps=max_steps)
+            # supervision_steps: the model itself must not reset the carry before our last step
+            out = self.model(carry, batch, supervision_steps=max_steps)
             carry = out.carry
             confidence, tokens = self.probabilities(out.logits[0]).max(-1)  # (L,), (L,)
             grid = from_tokens(tokens.cpu().numpy(), self.shape)  # PAD / blank predictions read as 0

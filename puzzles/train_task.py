@@ -70,7 +70,7 @@ class PuzzleDataArguments:
                                           "checkpoint selection (--metric_for_best_model) off the test split."})
     eval_max_examples: int | None = field(
         default=None, metadata={"help": "Evaluate on the first N examples of --eval_split (default: all)."})
-    eval_num_steps: int | None = field(
+    eval_supervision_steps: int | None = field(
         default=None, metadata={"help": "Supervision steps run at evaluation (default: supervision_steps)."})
 
 
@@ -229,13 +229,13 @@ class PuzzleTask(TrainingTask):
 
     def score(self, model, process_index: int = 0, num_processes: int = 1, device="cpu") -> dict:
         cfg = model.config
-        num_steps = self.data_args.eval_num_steps or cfg.supervision_steps
+        steps = self.data_args.eval_supervision_steps or cfg.supervision_steps
         total = min(self.data_args.eval_max_examples or self.test.num_examples, self.test.num_examples)
         is_arc = self.data_args.task.startswith("arc")
         voter = arc_voter(self.data_args.data_dir, self.test.metadata) if is_arc else None
-        scorer = PuzzleScorer(self.data_args.task, num_steps, min(cfg.supervision_steps, num_steps), voter,
+        scorer = PuzzleScorer(self.data_args.task, steps, min(cfg.supervision_steps, steps), voter,
                               cfg.halt_probability)
-        score_predictor(model_predictor(model, num_steps), PuzzleExampleDataset(self.test), scorer,
+        score_predictor(model_predictor(model, steps), PuzzleExampleDataset(self.test), scorer,
                         batch_size=self.eval_batch_size, indices=range(process_index, total, num_processes),
                         device=device)
         scorers = gather_object([scorer]) if num_processes > 1 else [scorer]

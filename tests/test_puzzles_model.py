@@ -218,8 +218,8 @@ def test_save_and_load_round_trip(tmp_path):
     loaded = AutoModel.from_pretrained(tmp_path)
     assert isinstance(loaded, TRMPuzzleModel) and loaded.config.mixer == "mlp"
     batch = random_batch(3, seed=6)
-    preds, q = model.predict(batch, num_steps=5)  # more steps than trained with is allowed at evaluation
-    preds2, q2 = loaded.predict(batch, num_steps=5)
+    preds, q = model.predict(batch, supervision_steps=5)  # more steps than trained with is allowed at evaluation
+    preds2, q2 = loaded.predict(batch, supervision_steps=5)
     assert preds.shape == (5, 3, CELLS) and torch.equal(preds, preds2) and torch.allclose(q, q2)
     assert torch.equal(loaded.core.y_init, model.core.y_init)
 

@@ -49,7 +49,7 @@ def test_trace_is_the_models_own_step_by_step_prediction(solver, puzzle):
     # the same grids and halting logits as the model's batch evaluation (predict), step for step
     tokens = torch.as_tensor(puzzle.reshape(1, -1) + 1, dtype=torch.long)
     batch = {"inputs": tokens, "puzzle_identifiers": torch.zeros(1, dtype=torch.long)}
-    step_preds, step_q = solver.model.predict(batch, num_steps=5)
+    step_preds, step_q = solver.model.predict(batch, supervision_steps=5)
     expected = from_tokens(step_preds[:, 0].numpy(), SHAPE)  # (5, 6, 6)
     previous = puzzle
     for step, grid, q in zip(result.steps, expected, step_q[:, 0].tolist()):

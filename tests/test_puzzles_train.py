@@ -88,6 +88,10 @@ def test_evaluate_cli_reproduces_the_final_evaluation(tmp_path, datasets, capsys
                             str(datasets / "sudoku"), "--device", "cpu", "--output", str(tmp_path / "eval.json")])
     assert report["exact_accuracy"] == final["exact_accuracy"] and report["cell_accuracy"] == final["cell_accuracy"]
     assert len(report["per_step"]) == 2 and json.loads((tmp_path / "eval.json").read_text())["num_examples"] == 8
+    common = ["--model", str(tmp_path / "out"), "--task", "sudoku", "--data_dir", str(datasets / "sudoku"), "--device", "cpu"]
+    longer = evaluate_main([*common, "--supervision_steps", "3"])
+    assert longer["supervision_steps"] == 3 and len(longer["per_step"]) == 3
+    assert evaluate_main([*common, "--num_steps", "3"])["per_step"] == longer["per_step"]  # the old flag name
     with pytest.raises(ValueError, match="not maze"):
         evaluate_main(["--model", str(tmp_path / "out"), "--task", "maze", "--data_dir", str(datasets / "sudoku")])
 

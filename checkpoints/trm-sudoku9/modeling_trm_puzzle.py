@@ -278,12 +278,13 @@ class TRMPuzzleModel(TRMPreTrainedModel):
 
     # ----- one supervision step -------------------------------------------------------------------------------
     def forward(self, carry: TRMPuzzleCarry | None = None, batch: dict[str, torch.Tensor] | None = None,
-                halt_max_steps: int | None = None, **kwargs) -> TRMPuzzleOutput:
+                supervision_steps: int | None = None, **kwargs) -> TRMPuzzleOutput:
         """One supervision step on the slots of `carry` (None: a fresh carry loading all of `batch`).
 
         batch: {"inputs": (B, L) long, "puzzle_identifiers": (B,) long, optional "labels": (B, L) long with
-        -100 = unsupervised}. halt_max_steps: evaluation override of supervision_steps (run longer or shorter
-        than trained; training always uses the config's value).
+        -100 = unsupervised}. supervision_steps (the official halt_max_steps): evaluation override of the
+        config's N_sup, after which a slot halts (run longer or shorter than trained; training always uses the
+        config's value).
         """
         cfg = self.config
         if batch is None or "inputs" not in batch or "puzzle_identifiers" not in batch:
@@ -294,9 +295,9 @@ class TRMPuzzleModel(TRMPreTrainedModel):
         if carry.batch_size != batch["inputs"].shape[0]:
             raise ValueError(f"the carry holds {carry.batch_size} slots but the batch has "
                              f"{batch['inputs'].shape[0]} rows: pad the batch or start a new carry")
-        max_steps = cfg.supervision_steps if halt_max_steps is None or self.training else int(halt_max_steps)
+        max_steps = cfg.supervision_steps if supervision_steps is None or self.training else int(supervision_steps)
         if max_steps < 1:
-            raise ValueError(f"halt_max_steps must be >= 1, got {halt_max_steps}")
+            raise ValueError(f"supervision_steps must be >= 1, got {supervision_steps}")
 
         # 1. Halted slots start over on new data; the others continue where they stopped.
         reset = carry.halted  # (B,)
@@ -346,20 +347,20 @@ class TRMPuzzleModel(TRMPreTrainedModel):
     # ----- evaluation ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, batch: dict[str, torch.Tensor],
-                num_steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run `num_steps` supervision steps (default: supervision_steps) on every row, no early halting.
+                supervision_steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run `supervision_steps` steps (default: the config's) on every row, no early halting.
 
         Returns (step_preds (S, B, L) argmax tokens after each step, step_q_halt (S, B) halting logits).
         """
-        num_steps = self.config.supervision_steps if num_steps is None else int(num_steps)
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        steps = self.config.supervision_steps if supervision_steps is None else int(supervision_steps)
+        if steps < 1:
+            raise ValueError(f"supervision_steps must be >= 1, got {supervision_steps}")
         was_training = self.training
         self.eval()
         inputs = {k: v for k, v in batch.items() if k in ("inputs", "puzzle_identifiers")}
         carry, preds, q_halt = None, [], []
-        for _ in range(num_steps):
-            out = self(carry, inputs, halt_max_steps=num_steps)
+        for _ in range(steps):
+            out = self(carry, inputs, supervision_steps=steps)
             carry = out.carry
             preds.append(out.logits.argmax(-1))
             q_halt.append(out.q_halt_logits.float())
