@@ -14,7 +14,7 @@
 The puzzle goes in as the builders encode it (puzzles/sudoku.py: blank 1, digit d -> d + 1; puzzle identifier 0,
 the one identifier every Sudoku data set uses), and the model runs one supervision step per forward call on its
 carried (y, z) for max_steps steps (default: the trained supervision_steps; up to TEST_TIME_DEPTH x that to think
-longer). Halting (ACT) stops at the first step whose P(halt) = sigmoid(q_halt) >= the threshold: the model's
+longer). Halting (ACT) stops at the first step whose P(halt) = sigmoid(q_halt) > the threshold: the model's
 config.halt_threshold, or the official 0.5 (q_halt > 0) when it sets none. A model whose config sets one halts by
 default (the shipped 9x9: 0.95, chosen on its validation boards: 92.2% exact there vs 85.7% at 0.5 and 76.2%
 after all 8 steps); one that sets none runs every step unless asked (`halting=True`, `--halt`), because halting
@@ -41,7 +41,7 @@ import torch
 
 from trm_lm.generation import TEST_TIME_DEPTH, check_model_dir, one_line, resolve_device
 
-from .model import PuzzleTRMConfig, TRMPuzzleModel, log_stablemax
+from .model import OFFICIAL_HALT_PROBABILITY, PuzzleTRMConfig, TRMPuzzleModel, log_stablemax
 from .metrics import halt_logit
 from .sudoku import (SudokuShape, format_sudoku, from_tokens, is_valid_solution, parse_sudoku, to_tokens,
                      validate_givens)
@@ -78,7 +78,7 @@ class SolveStep:
     changed: np.ndarray  # bool: differs from the previous step's grid (step 1: from the puzzle)
     confidence: np.ndarray  # float32 in (0, 1]: probability of the chosen token
     q_halt: float  # halting logit: P(halt) = sigmoid(q_halt), the model's belief that the grid is already right
-    halt_threshold: float = 0.5  # halting on, this step halts when P(halt) > it
+    halt_threshold: float = OFFICIAL_HALT_PROBABILITY  # halting on, this step halts when P(halt) > it
 
     @property
     def halt_probability(self) -> float:
@@ -96,7 +96,7 @@ class SolveResult:
     steps: list[SolveStep]
     max_steps: int
     halting: bool  # whether P(halt) > threshold was allowed to stop the recursion
-    halt_threshold: float = 0.5
+    halt_threshold: float = OFFICIAL_HALT_PROBABILITY
 
     @property
     def grid(self) -> np.ndarray:

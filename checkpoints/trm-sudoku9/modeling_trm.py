@@ -36,13 +36,17 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .configuration_trm import TRMConfig
 from .core import IGNORE_INDEX, RecursionCache, SelfAttention, TRMCore, init_trm_weights
 
-def resolve_halt_threshold(value, config, training: bool):
+
+def resolve_halt_threshold(value, config, training: bool, criterion: str = "head"):
     """One meaning everywhere (forward, generation settings, CLI, app): None = use the config's, 0 = off.
-    Training runs every step. Returns the threshold to apply, or None for off."""
-    if value is None:
-        value = None if training else config.halt_threshold
-    return None if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0) \
-        else value
+
+    The config's threshold is a P(halt), so only the "head" criterion takes it, and training runs every step.
+    Returns the threshold to apply, or None for off (False is not read as 0)."""
+    if value is None and criterion == "head" and not training:
+        value = config.halt_threshold
+    is_zero = isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+    return None if value is None or is_zero else value
+
 
 # transformers 5.24 renamed the KV cache from `past_key_values` to `cache` in generate()'s model inputs, in
 # the model outputs and in the mask helpers. The names the installed version uses, so that every 5.x in the
@@ -386,10 +390,8 @@ class TRMForCausalLM(TRMPreTrainedModel, GenerationMixin):
         cfg = self.config
         cache = _one_cache(cache, past_key_values)
         want_hidden, want_attentions, return_dict = _output_flags(cfg, kwargs)
-        # None = the config's (off in training: a checkpoint whose config sets a threshold can still be fine-tuned);
-        # the config's threshold is a P(halt), so the training-free criteria take theirs from the caller only
-        if halt_criterion == "head" or halt_threshold is not None:
-            halt_threshold = resolve_halt_threshold(halt_threshold, cfg, self.training)
+        # off in training: a checkpoint whose config sets a threshold can still be fine-tuned
+        halt_threshold = resolve_halt_threshold(halt_threshold, cfg, self.training, halt_criterion)
         rule = halt_rule(halt_criterion, halt_threshold, self.lm_head)
         if rule is not None and self.training:
             raise ValueError("halt_threshold is an inference-time setting; training runs every supervision step")
