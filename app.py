@@ -37,7 +37,7 @@ from trm_lm.generation import (  # noqa: E402
     load_model_and_tokenizer,
     one_line,
 )
-from trm_lm.inspection import steps_label, steps_summary, trace_rows, traces_from_records  # noqa: E402
+from trm_lm.inspection import mean_steps, steps_label, steps_summary, trace_rows  # noqa: E402
 from trm_lm.serving import BatchedDecoder  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -146,10 +146,10 @@ def build_demo(model, tokenizer, *, max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP
             count = len(result.token_ids[0])
             yield story, [], None, " ".join(notes + [f"{count} new token{'' if count == 1 else 's'}."])
             return
-        traces = traces_from_records(result.records, tokenizer)
+        traces = result.traces
         depth = [(prompt, None)] + [(chip_text(trace.token), steps_label(trace.steps_used)) for trace in traces]
         headers, rows = trace_rows(traces)
-        mean = sum(trace.steps_used for trace in traces) / max(1, len(traces))
+        mean = mean_steps(traces)
         plural = "" if len(traces) == 1 else "s"
         summary = (f"{len(traces)} new token{plural}; supervision steps per token: {steps_summary(traces)} "
                    f"(mean {mean:.2f} of {max_steps}).")

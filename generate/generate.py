@@ -22,7 +22,6 @@ from trm_lm.cli import HelpFormatter  # noqa: E402
 from trm_lm.generation import (  # noqa: E402
     GenerationSettings,
     context_length,
-    decode_new_tokens,
     default_model_path,
     encode_prompt,
     generate_text,
@@ -31,7 +30,7 @@ from trm_lm.generation import (  # noqa: E402
     stream_generate,
     validate_prompt,
 )
-from trm_lm.inspection import format_trace_table, trace_generation, traces_from_records  # noqa: E402
+from trm_lm.inspection import format_trace_table  # noqa: E402
 
 DEFAULTS = GenerationSettings()
 
@@ -108,11 +107,11 @@ def run(args: argparse.Namespace) -> None:
                 result = finished.value
                 break
         print()
-        if args.show_steps:
-            traces = traces_from_records(result.records, tokenizer)
+        traces = result.traces
     elif args.show_steps:
-        traces = trace_generation(model, tokenizer, encoded, settings, top_k=args.show_top_k)
-        print(prompt + decode_new_tokens(tokenizer, [trace.token_id for trace in traces]))
+        result = generate_text(model, tokenizer, encoded, settings, trace_top_k=args.show_top_k)
+        traces = result.traces
+        print(prompt + result.text)
     else:
         texts = generate_text(model, tokenizer, encoded, settings).texts
         for index, text in enumerate(texts):

@@ -34,24 +34,24 @@ def test_generate_returns_story_and_depth_matching_model_inspect(app, client):
     temperature, top_p, max_new_tokens, halt_threshold, supervision_steps, seed = SETTINGS
     ids = [tokenizer.bos_token_id] + tokenizer(PROMPT)["input_ids"]
     set_seed(seed)
-    records = model.inspect(torch.tensor([ids]), top_k=3, halt_threshold=halt_threshold,
-                            supervision_steps=supervision_steps,
-                            generation_config=GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p,
-                                                               top_k=0, max_new_tokens=max_new_tokens,
-                                                               pad_token_id=tokenizer.pad_token_id))
-    assert story == PROMPT + tokenizer.decode([r["token_id"] for r in records], skip_special_tokens=True)
+    traces = model.inspect(torch.tensor([ids]), top_k=3, halt_threshold=halt_threshold,
+                           supervision_steps=supervision_steps,
+                           generation_config=GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p,
+                                                              top_k=0, max_new_tokens=max_new_tokens,
+                                                              pad_token_id=tokenizer.pad_token_id))
+    assert story == PROMPT + tokenizer.decode([t.token_id for t in traces], skip_special_tokens=True)
     assert len(story) > len(PROMPT)
     # depth view: the prompt unlabelled, then one entry per generated token labelled with its steps
     assert depth[0] == {"token": PROMPT, "class_or_confidence": None}
     labels = [entry["class_or_confidence"] for entry in depth[1:]]
-    assert labels == [f"{r['steps_used']} step" + ("s" if r["steps_used"] > 1 else "") for r in records]
+    assert labels == [f"{t.steps_used} step" + ("s" if t.steps_used > 1 else "") for t in traces]
     assert {"1 step", "2 steps"} <= set(labels)  # halt threshold 0.5 stops some tokens after one step
     # per-step table: one row per token, the steps column agrees, and exited tokens have no step-2 cell
     assert table["headers"][:3] == ["position", "token", "steps"]
     rows = table["data"]
-    assert [row[2] for row in rows] == [r["steps_used"] for r in records]
+    assert [row[2] for row in rows] == [t.steps_used for t in traces]
     assert all((row[4] == "") == (row[2] == 1) for row in rows)
-    assert f"{len(records)} new tokens" in summary and "mean" in summary
+    assert f"{len(traces)} new tokens" in summary and "mean" in summary
 
 
 def test_story_streams(app, client, monkeypatch):

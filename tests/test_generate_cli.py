@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from fixtures_model import REPO_ROOT, cli, load_script, tiny_model_dir  # noqa: 
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel, set_seed
 
 from trm_lm.generation import GenerationSettings, encode_prompt, generate_text, stream_generate
-from trm_lm.inspection import StepPrediction, TokenTrace, format_trace_table, inspect_generation
+from trm_lm.inspection import format_trace_table, inspect_generation
 
 PROMPT = "Once upon a time"
 
@@ -67,6 +68,50 @@ def test_stream_equals_non_stream_and_plain_generate(cli, capsys, tiny_model_dir
     assert code == 0 and other != plain
 
 
+def test_each_generation_samples_with_its_own_generator(model_and_tokenizer):
+    """No process-global seeding: seeded generations running at the same time in threads (plain, streamed and
+    traced) give what they give one after the other, torch's global RNG is neither read nor changed, and an
+    unseeded generation is random even right after torch.manual_seed."""
+    model, tokenizer = model_and_tokenizer
+    settings = [GenerationSettings(max_new_tokens=30, temperature=1.0, seed=seed) for seed in (1, 2, 3, 4, 5, 6)]
+
+    def run(i):
+        if i % 3 == 0:
+            return generate_text(model, tokenizer, PROMPT, settings[i]).token_ids[0]
+        if i % 3 == 1:
+            stream = stream_generate(model, tokenizer, PROMPT, settings[i])
+            try:
+                while True:
+                    next(stream)
+            except StopIteration as finished:
+                return finished.value.token_ids[0]
+        return [t.token_id for t in generate_text(model, tokenizer, PROMPT, settings[i], trace_top_k=2).traces]
+
+    sequential = [run(i) for i in range(len(settings))]
+    assert len({tuple(ids) for ids in sequential}) == len(settings)  # the seeds really differ
+    state = torch.get_rng_state()
+    together = [None] * len(settings)
+    barrier = threading.Barrier(len(settings))
+
+    def in_thread(i):
+        barrier.wait()
+        together[i] = run(i)
+
+    threads = [threading.Thread(target=in_thread, args=(i,)) for i in range(len(settings))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert together == sequential
+    assert torch.equal(torch.get_rng_state(), state)
+    unseeded = []
+    for _ in range(2):
+        torch.manual_seed(0)  # what a seeded generation used to leave behind
+        unseeded.append(generate_text(model, tokenizer, PROMPT, GenerationSettings(max_new_tokens=30,
+                                                                                   temperature=1.0)).token_ids)
+    assert unseeded[0] != unseeded[1]
+
+
 def test_stream_yields_pieces_as_they_come(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     settings = GenerationSettings(max_new_tokens=40, temperature=1.0, seed=0)
@@ -84,12 +129,12 @@ def test_stream_yields_pieces_as_they_come(model_and_tokenizer):
 def expected_traces(model, tokenizer, seed, halt_threshold, max_new_tokens, temperature):
     """model.inspect() with the CLI's settings, decoded here (not by trm_lm.inspection)."""
     set_seed(seed)
-    records = model.inspect(prompt_ids(tokenizer), top_k=3, halt_threshold=halt_threshold,
-                            generation_config=sampling_config(tokenizer, max_new_tokens, temperature))
+    traces = model.inspect(prompt_ids(tokenizer), top_k=3, halt_threshold=halt_threshold,
+                           generation_config=sampling_config(tokenizer, max_new_tokens, temperature))
     decode = lambda i: tokenizer.decode([i], skip_special_tokens=False)  # noqa: E731
-    return [TokenTrace(r["position"], r["token_id"], decode(r["token_id"]), r["steps_used"],
-                       [StepPrediction(p["step"], p["top_ids"], [decode(i) for i in p["top_ids"]], p["top_probs"])
-                        for p in r["step_predictions"]]) for r in records]
+    return [replace(t, token=decode(t.token_id),
+                    step_predictions=[replace(p, top_tokens=[decode(i) for i in p.top_ids]) for p in t.step_predictions])
+            for t in traces]
 
 
 @pytest.mark.parametrize("stream", [False, True])

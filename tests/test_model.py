@@ -420,15 +420,21 @@ def test_halt_threshold_validation_and_its_one_meaning():
 def test_inspect_reports_steps_and_per_step_predictions():
     model = tiny_model(supervision_steps=3)
     make_halting_mixed(model)
-    prompt = torch.randint(1, 61, (1, 5))
-    records = model.inspect(prompt, top_k=2, halt_threshold=0.5, max_new_tokens=10, min_new_tokens=10,
-                            do_sample=False)
+    prompt = torch.randint(1, 61, (1, 5), generator=torch.Generator().manual_seed(0))
+    traces = model.inspect(prompt, top_k=2, halt_threshold=0.5, max_new_tokens=10, min_new_tokens=10,
+                           do_sample=False)
     generated = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, halt_threshold=0.5)
-    assert [r["token_id"] for r in records] == generated[0, 5:].tolist()
-    for r in records:
-        assert 1 <= r["steps_used"] <= 3 and len(r["step_predictions"]) == r["steps_used"]
-        assert r["step_predictions"][-1]["top_ids"][0] == r["token_id"]  # greedy: last step's argmax
-    assert len({r["steps_used"] for r in records}) >= 1
+    assert [t.token_id for t in traces] == generated[0, 5:].tolist()
+    assert [t.position for t in traces] == list(range(5, 15))
+    for t in traces:
+        assert 1 <= t.steps_used <= 3 and len(t.step_predictions) == t.steps_used
+        assert [p.step for p in t.step_predictions] == list(range(1, t.steps_used + 1))
+        assert all(len(p.top_ids) == len(p.top_probs) == 2 and p.top_probs[0] >= p.top_probs[1]
+                   for p in t.step_predictions)
+        # greedy: the last step's argmax, EOS aside (min_new_tokens forbids it here)
+        assert [i for i in t.step_predictions[-1].top_ids if i != model.config.eos_token_id][0] == t.token_id
+        assert t.token is None and t.step_predictions[0].top_tokens is None  # no tokenizer, nothing decoded
+    assert len({t.steps_used for t in traces}) >= 2  # the mixed head exits some tokens early
 
 
 # ----- save / load --------------------------------------------------------------------------------------

@@ -30,16 +30,17 @@ def drain(stream):
             return text, finished.value
 
 
-def assert_same_records(records, expected):
-    """Same tokens, steps and top-k ids; probabilities equal up to float32 rounding (a padded batch sums in
-    another order)."""
-    assert len(records) == len(expected)
-    for got, want in zip(records, expected):
-        assert {k: got[k] for k in ("position", "token_id", "steps_used")} == \
-            {k: want[k] for k in ("position", "token_id", "steps_used")}
-        assert [p["top_ids"] for p in got["step_predictions"]] == [p["top_ids"] for p in want["step_predictions"]]
-        for p, q in zip(got["step_predictions"], want["step_predictions"]):
-            assert p["top_probs"] == pytest.approx(q["top_probs"], rel=1e-5, abs=1e-7)
+def assert_same_traces(traces, expected):
+    """Same tokens, steps, top-k ids and decoded text; probabilities equal up to float32 rounding (a padded
+    batch sums in another order)."""
+    assert len(traces) == len(expected)
+    for got, want in zip(traces, expected):
+        assert (got.position, got.token_id, got.steps_used, got.token) == \
+            (want.position, want.token_id, want.steps_used, want.token)
+        assert [(p.step, p.top_ids, p.top_tokens) for p in got.step_predictions] == \
+            [(p.step, p.top_ids, p.top_tokens) for p in want.step_predictions]
+        for p, q in zip(got.step_predictions, want.step_predictions):
+            assert p.top_probs == pytest.approx(q.top_probs, rel=1e-5, abs=1e-7)
 
 
 def decode_together(model, tokenizer, prompts, settings_list, trace_top_k=0, **decoder_kwargs):
@@ -108,10 +109,10 @@ def test_requests_arriving_mid_decode_join_the_batch_and_get_what_they_get_alone
         assert streamed == result.text == reference.text
         if trace_top_k:
             ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(prompt)["input_ids"]])
-            expected = model.inspect(ids, top_k=trace_top_k, halt_threshold=halt_threshold,
+            expected = model.inspect(ids, tokenizer=tokenizer, top_k=trace_top_k, halt_threshold=halt_threshold,
                                      generation_config=GenerationConfig(do_sample=False, max_new_tokens=s.max_new_tokens,
                                                                         pad_token_id=tokenizer.pad_token_id))
-            assert_same_records(result.records, expected)
+            assert_same_traces(result.traces, expected)
 
 
 def test_a_seeded_request_does_not_depend_on_its_batch_mates(model_and_tokenizer):
@@ -123,16 +124,16 @@ def test_a_seeded_request_does_not_depend_on_its_batch_mates(model_and_tokenizer
     assert sizes == [4] and together[-1][1].token_ids == alone[1].token_ids
 
 
-def test_records_equal_model_inspect(model_and_tokenizer):
+def test_traces_equal_model_inspect(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     settings = GenerationSettings(max_new_tokens=20, temperature=0.0, halt_threshold=0.5)
     together, _ = decode_together(model, tokenizer, PROMPTS[:2], [settings] * 2, trace_top_k=3)
     for prompt, (_, result) in zip(PROMPTS[:2], together):
         ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(prompt)["input_ids"]])
-        expected = model.inspect(ids, top_k=3, halt_threshold=0.5, generation_config=GenerationConfig(
+        expected = model.inspect(ids, tokenizer=tokenizer, top_k=3, halt_threshold=0.5, generation_config=GenerationConfig(
             do_sample=False, max_new_tokens=20, pad_token_id=tokenizer.pad_token_id))
-        assert_same_records(result.records, expected)
-        assert {r["steps_used"] for r in result.records} == {1, 2}  # the fixture's halt head exits some early
+        assert_same_traces(result.traces, expected)
+        assert {t.steps_used for t in result.traces} == {1, 2}  # the fixture's halt head exits some early
 
 
 def test_different_trm_controls_are_decoded_in_separate_batches(model_and_tokenizer):

@@ -13,11 +13,17 @@ Everything a user types is checked here, once, with messages that say what was w
     many tokens went);
   * sampling settings: ranges, NaN, and the TRM controls (halt threshold, supervision steps).
 
-Seeding: `seed` is applied (transformers.set_seed) right before `generate()`, in the thread that runs
-it, so streaming and non-streaming give the same text for the same seed. torch's RNG is global to
-the process, so two of these generations sampling at the same time would share it; the app instead
-decodes its users together with one torch.Generator per request (trm_lm/serving.py), which gives the
-same text as generate_text() with the same seed.
+Seeding: every generation samples with its own torch.Generator (seeded from `seed`, or from the
+operating system's entropy when `seed` is None), never with torch's process-global RNG: generate()
+samples with the global one, so the draw is done by the last logits processor (`SampleWithGenerator`)
+and generate() then picks that token greedily. So a seeded generation gives the same text streamed or
+not, alone or while other threads generate, in the app's batches (trm_lm/serving.py) or here, and an
+unseeded one is really random whatever was seeded before.
+
+Inspection: `trace_top_k=k` (generate_text, stream_generate, the app's decoder) adds to the result one
+`TokenTrace` per new token (the supervision steps it ran, the top-k after each), from
+`TRMForCausalLM.inspect`; `inspect_generation` is the one-call form. trm_lm/inspection.py only lays
+traces out as text and tables.
 
 Any causal LM loads and generates; the TRM-only controls raise a clear error on other models.
 """
@@ -40,11 +46,18 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
     StoppingCriteria,
     StoppingCriteriaList,
+    TemperatureLogitsWarper,
     TextIteratorStreamer,
-    set_seed,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
 )
+
+from .modeling_trm import TokenTrace
 
 logger = logging.getLogger(__name__)
 
@@ -378,20 +391,65 @@ def padding_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def generate_kwargs(model, tokenizer, settings: GenerationSettings) -> dict:
-    """Keyword arguments for `model.generate` and `model.inspect`: a GenerationConfig plus the TRM controls.
+class SampleWithGenerator(LogitsProcessor):
+    """The last logits processor of a sampled generation: draws each row's next token from softmax(scores)
+    with its own torch.Generator and leaves only that token finite, so generate()'s greedy step picks it.
 
-    The sampling settings travel inside `generation_config` (generate() fills what it leaves unset from
-    the model's own generation_config.json): inspect() has a `top_k` argument of its own, the number of
-    predictions it reports, which a top-k sampling keyword would collide with.
+    generate() would sample with torch's process-global RNG, which every thread shares; this draws exactly
+    what generate()'s sampling step draws (softmax, one multinomial sample per row) from a generator that
+    belongs to one generation.
     """
-    config = dict(max_new_tokens=settings.max_new_tokens, num_return_sequences=settings.num_return_sequences,
-                  repetition_penalty=settings.repetition_penalty, pad_token_id=padding_id(tokenizer))
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float(), dim=-1)
+        tokens = torch.multinomial(probs, num_samples=1, generator=self.generator)  # (B, 1)
+        return torch.full_like(scores, -math.inf).scatter_(1, tokens, 0.0)
+
+
+def new_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch.Generator for one generation: seeded, or from the operating system's entropy when seed is None."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def logits_processors(settings: GenerationSettings, generator: torch.Generator | None) -> LogitsProcessorList:
+    """generate()'s processors for these settings in its order (penalty, temperature, top-k, top-p), then the
+    draw with `generator` when sampling: the scores that come out have one finite entry per row when sampling
+    (the drawn token), and are the penalised logits when greedy (temperature 0); take their argmax."""
+    processors = LogitsProcessorList()
+    if settings.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
     if settings.temperature == 0:
-        config["do_sample"] = False
-    else:  # top_k=0 must be given: left unset, generate() applies its global default of 50
-        config.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
-    kwargs = dict(generation_config=GenerationConfig(**config))
+        return processors
+    if settings.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(settings.temperature))
+    if settings.top_k != 0:
+        processors.append(TopKLogitsWarper(settings.top_k))
+    if settings.top_p < 1.0:
+        processors.append(TopPLogitsWarper(settings.top_p))
+    processors.append(SampleWithGenerator(generator))
+    return processors
+
+
+def generate_kwargs(model, tokenizer, settings: GenerationSettings) -> dict:
+    """Keyword arguments for `model.generate` and `model.inspect`: a GenerationConfig, the logits processors
+    (sampling with a new torch.Generator seeded from `settings.seed`) and the TRM controls.
+
+    The sampling settings travel as processors, not as GenerationConfig fields: generate() runs greedy and
+    the last processor makes the draw (see SampleWithGenerator). Several sequences are rows of the
+    input (generate_text repeats the prompt), since greedy generate() gives one sequence per row.
+    """
+    generator = new_generator(settings.seed, model.device)
+    config = dict(max_new_tokens=settings.max_new_tokens, do_sample=False, pad_token_id=padding_id(tokenizer))
+    kwargs = dict(generation_config=GenerationConfig(**config),
+                  logits_processor=logits_processors(settings, generator))
     if settings.halt_threshold is None and settings.supervision_steps is None and not settings.share_step_cache:
         return kwargs
     if not is_trm(model):
@@ -420,7 +478,7 @@ class GenerationResult:
     prompt: EncodedPrompt
     token_ids: list[list[int]]  # new tokens of each sequence, up to and including the first EOS
     texts: list[str]  # their decoded text (special tokens skipped)
-    records: list[dict] | None = None  # model.inspect() output, when stream_generate(trace_top_k=k) asked for it
+    traces: list[TokenTrace] | None = None  # per new token of the first sequence, when trace_top_k=k asked for it
 
     @property
     def text(self) -> str:
@@ -432,23 +490,60 @@ def decode_new_tokens(tokenizer, token_ids: list[int]) -> str:
     return tokenizer.decode(token_ids, **DECODE_KWARGS)
 
 
-def _result(tokenizer, encoded: EncodedPrompt, rows: list[list[int]], records=None) -> GenerationResult:
+def _result(tokenizer, encoded: EncodedPrompt, rows: list[list[int]], traces=None) -> GenerationResult:
     eos = tokenizer.eos_token_id
     trimmed = [row[: row.index(eos) + 1] if eos in row else row for row in rows]  # drop the padding after EOS
-    return GenerationResult(encoded, trimmed, [decode_new_tokens(tokenizer, row) for row in trimmed], records)
+    return GenerationResult(encoded, trimmed, [decode_new_tokens(tokenizer, row) for row in trimmed], traces)
+
+
+def _run(model, tokenizer, input_ids: torch.LongTensor, kwargs: dict, trace_top_k: int) -> tuple[list, list | None]:
+    """generate() on `input_ids` (R, T); with trace_top_k, inspect() instead (one row): (sequences, traces)."""
+    if trace_top_k:
+        traces = model.inspect(input_ids, tokenizer=tokenizer, top_k=trace_top_k, **kwargs)
+        return [[trace.token_id for trace in traces]], traces
+    sequences = model.generate(input_ids, **kwargs)  # (R, T + new)
+    return sequences[:, input_ids.shape[1]:].tolist(), None
+
+
+def _checked(model, tokenizer, prompt, settings: GenerationSettings, trace_top_k: int):
+    if trace_top_k:
+        check_trace_top_k(model, trace_top_k)
+        if settings.num_return_sequences != 1:
+            raise ValueError("per-token traces follow one sequence: use num_return_sequences=1")
+    encoded = prepare_prompt(model, tokenizer, prompt, settings)
+    return encoded, generate_kwargs(model, tokenizer, settings)  # bad settings raise here
 
 
 @torch.no_grad()
-def generate_text(model, tokenizer, prompt: str | bytes | EncodedPrompt,
-                  settings: GenerationSettings) -> GenerationResult:
-    """Generate `settings.num_return_sequences` continuations of `prompt` in one call."""
-    encoded = prepare_prompt(model, tokenizer, prompt, settings)
-    kwargs = generate_kwargs(model, tokenizer, settings)
-    input_ids = encoded.input_ids.to(model.device)
-    if settings.seed is not None:
-        set_seed(settings.seed)
-    sequences = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)  # (R, T + new)
-    return _result(tokenizer, encoded, sequences[:, input_ids.shape[1]:].tolist())
+def generate_text(model, tokenizer, prompt: str | bytes | EncodedPrompt, settings: GenerationSettings,
+                  trace_top_k: int = 0) -> GenerationResult:
+    """Generate `settings.num_return_sequences` continuations of `prompt` in one call (with `trace_top_k=k`:
+    one, plus its per-token traces)."""
+    encoded, kwargs = _checked(model, tokenizer, prompt, settings, trace_top_k)
+    input_ids = encoded.input_ids.to(model.device).repeat(settings.num_return_sequences, 1)
+    rows, traces = _run(model, tokenizer, input_ids, dict(kwargs, attention_mask=torch.ones_like(input_ids)),
+                        trace_top_k)
+    return _result(tokenizer, encoded, rows, traces)
+
+
+def inspect_generation(model, tokenizer, prompt: str | bytes | EncodedPrompt, max_new_tokens: int = 32,
+                       top_k: int = 3, halt_threshold: float | None = None, supervision_steps: int | None = None,
+                       seed: int | None = None, **sampling) -> list[TokenTrace]:
+    """Generate from `prompt` and report, per generated token, the steps it used and the top-k after each step.
+
+    top_k: predictions kept per step. halt_threshold: None = the model's config, 0 = off.
+    sampling: temperature, top_p, repetition_penalty, and `sampling_top_k` (top-k *sampling*; named so
+    because `top_k` here is the number of predictions shown). Unset ones take GenerationSettings' defaults.
+    The same as `generate_text(..., trace_top_k=top_k).traces`.
+    """
+    if "sampling_top_k" in sampling:
+        sampling["top_k"] = sampling.pop("sampling_top_k")
+    try:
+        settings = GenerationSettings(max_new_tokens=max_new_tokens, halt_threshold=halt_threshold,
+                                      supervision_steps=supervision_steps, seed=seed, **sampling)
+    except TypeError as error:  # an unknown keyword
+        raise ValueError(f"unknown sampling setting: {error}") from error
+    return generate_text(model, tokenizer, prompt, settings, trace_top_k=top_k).traces
 
 
 class _StopWhenSet(StoppingCriteria):
@@ -470,18 +565,15 @@ def stream_generate(model, tokenizer, prompt: str | bytes | EncodedPrompt, setti
 
     `generate()` runs in a thread that feeds a TextIteratorStreamer. With `trace_top_k=k` (TRM models)
     the thread runs `model.inspect(top_k=k)` instead, which streams the same generation and then adds
-    the per-token supervision-step records to the result. Closing the generator early stops generating.
+    the per-token traces to the result. Closing the generator early stops generating.
     """
     if settings.num_return_sequences != 1:
         raise ValueError("streaming shows one sequence: use num_return_sequences=1")
-    if trace_top_k:
-        check_trace_top_k(model, trace_top_k)
-    encoded = prepare_prompt(model, tokenizer, prompt, settings)
-    kwargs = generate_kwargs(model, tokenizer, settings)  # bad settings raise here, before anything is printed
-    return _stream(model, tokenizer, encoded, kwargs, settings.seed, trace_top_k)
+    encoded, kwargs = _checked(model, tokenizer, prompt, settings, trace_top_k)
+    return _stream(model, tokenizer, encoded, kwargs, trace_top_k)
 
 
-def _stream(model, tokenizer, encoded: EncodedPrompt, kwargs: dict, seed: int | None, trace_top_k: int):
+def _stream(model, tokenizer, encoded: EncodedPrompt, kwargs: dict, trace_top_k: int):
     input_ids = encoded.input_ids.to(model.device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, **DECODE_KWARGS)
     reader_gone = threading.Event()
@@ -491,12 +583,7 @@ def _stream(model, tokenizer, encoded: EncodedPrompt, kwargs: dict, seed: int | 
 
     def run():
         try:
-            if seed is not None:
-                set_seed(seed)
-            if trace_top_k:
-                outcome["records"] = model.inspect(input_ids, top_k=trace_top_k, **kwargs)
-            else:
-                outcome["sequences"] = model.generate(input_ids, **kwargs)
+            outcome["rows"], outcome["traces"] = _run(model, tokenizer, input_ids, kwargs, trace_top_k)
         except BaseException as error:  # handed to the reader, who re-raises it
             outcome["error"] = error
             streamer.end()  # unblock the reader
@@ -512,15 +599,13 @@ def _stream(model, tokenizer, encoded: EncodedPrompt, kwargs: dict, seed: int | 
         thread.join()
     if "error" in outcome:
         raise outcome["error"]
-    if trace_top_k:
-        records = outcome["records"]
-        return _result(tokenizer, encoded, [[record["token_id"] for record in records]], records)
-    return _result(tokenizer, encoded, outcome["sequences"][:, input_ids.shape[1]:].tolist())
+    return _result(tokenizer, encoded, outcome["rows"], outcome["traces"])
 
 
 __all__ = [
     "GenerationSettings", "EncodedPrompt", "GenerationResult", "load_model_and_tokenizer", "check_model_dir",
     "default_model_path", "resolve_device", "validate_prompt", "encode_prompt", "context_length", "is_trm",
     "check_trace_top_k",
-    "prepare_prompt", "padding_id", "generate_kwargs", "generate_text", "stream_generate", "decode_new_tokens", "one_line",
+    "prepare_prompt", "padding_id", "generate_kwargs", "generate_text", "stream_generate", "inspect_generation",
+    "decode_new_tokens", "one_line", "logits_processors", "new_generator", "SampleWithGenerator",
 ]

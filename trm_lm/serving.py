@@ -15,9 +15,10 @@ went away); requests that arrive meanwhile join it between two forward passes (c
 prompts are run through the model in their own cache, which is then left-padded and concatenated to the
 batch's, so a user never waits for strangers' stories to end.
 
-Same tokens as `generate()`: each row samples with its own torch.Generator seeded by the request's seed,
-after transformers' own logits processors in generate()'s order, so a seeded request gives the same
-text alone, in a batch of strangers, and from `generate_text` with that seed (tests/test_serving.py). A
+Same tokens as `generate()`: each row goes through the logits processors `generation.generate_kwargs`
+makes for its settings, whose last one samples with the request's own torch.Generator, so a seeded
+request gives the same text alone, in a batch of strangers, and from `generate_text` with that seed
+(tests/test_serving.py). A
 forward pass takes one value of each TRM control, so requests with different supervision steps or halt
 thresholds are decoded in separate batches.
 """
@@ -31,15 +32,7 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import (
-    DynamicCache,
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TextIteratorStreamer,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import DynamicCache, LogitsProcessorList, TextIteratorStreamer
 
 from .generation import (
     DECODE_KWARGS,
@@ -52,7 +45,7 @@ from .generation import (
     padding_id,
     prepare_prompt,
 )
-from .modeling_trm import CACHE_FIELD
+from .modeling_trm import CACHE_FIELD, TokenTrace
 
 _CLOSE = object()  # queue sentinel
 
@@ -68,42 +61,16 @@ def left_pad(sequences: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-def logits_processors(settings: GenerationSettings) -> LogitsProcessorList:
-    """generate()'s processors for these settings, in generate()'s order (penalty, temperature, top-k, top-p)."""
-    processors = LogitsProcessorList()
-    if settings.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
-    if settings.temperature == 0:
-        return processors
-    if settings.temperature != 1.0:
-        processors.append(TemperatureLogitsWarper(settings.temperature))
-    if settings.top_k != 0:
-        processors.append(TopKLogitsWarper(settings.top_k))
-    if settings.top_p < 1.0:
-        processors.append(TopPLogitsWarper(settings.top_p))
-    return processors
-
-
-def step_record(out, row: int, top_k: int, token_id: int, position: int) -> dict:
-    """model.inspect()'s record of one decoded token, from the forward pass that predicted it (its last column)."""
-    used = int(out.steps_used[row, -1])
-    return {"position": position, "token_id": token_id, "steps_used": used,
-            "step_predictions": [{"step": s + 1, "top_ids": out.step_top_ids[s, row, -1, :top_k].tolist(),
-                                  "top_probs": out.step_top_probs[s, row, -1, :top_k].tolist()}
-                                 for s in range(used)]}
-
-
 @dataclass(eq=False)
 class _Request:
     encoded: EncodedPrompt
     settings: GenerationSettings
     controls: dict  # the TRM keywords of the forward pass (halt_threshold, supervision_steps)
     streamer: TextIteratorStreamer
-    processors: LogitsProcessorList
-    generator: torch.Generator
-    trace_top_k: int = 0  # > 0: also record what the recursion did for each token (as model.inspect)
+    processors: LogitsProcessorList  # generate_kwargs': penalty, warpers, then the draw with this request's generator
+    trace_top_k: int = 0  # > 0: also trace what the recursion did for each token (as model.inspect)
     token_ids: list[int] = field(default_factory=list)
-    records: list[dict] | None = None
+    traces: list[TokenTrace] | None = None
     reader_gone: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
@@ -116,10 +83,7 @@ class _Request:
         """Pick this row's next token from its (1, V) float32 logits, as generate() does."""
         history = torch.cat([self.encoded.input_ids[0], torch.tensor(self.token_ids, dtype=torch.long)])
         scores = self.processors(history.unsqueeze(0).to(logits.device), logits)
-        if self.settings.temperature == 0:
-            return int(scores.argmax(dim=-1))
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs.cpu(), num_samples=1, generator=self.generator))
+        return int(scores.argmax(dim=-1))  # when sampling, the drawn token is the only finite score
 
     def finish(self, error: BaseException | None = None) -> None:
         self.error = error
@@ -153,7 +117,7 @@ class BatchedDecoder:
         """Queue one generation; returns a generator of its text that returns a GenerationResult.
 
         Everything is checked before this returns. With `trace_top_k=k` (TRM) the result carries
-        `model.inspect`'s per-token records, taken from the decoding's own forward passes.
+        `model.inspect`'s per-token traces, taken from the decoding's own forward passes.
         Closing the generator early drops the row from its batch.
         """
         if self._closed:
@@ -166,14 +130,9 @@ class BatchedDecoder:
         kwargs = generate_kwargs(self.model, self.tokenizer, settings)  # checks the TRM controls
         controls = {name: kwargs[name] for name in ("halt_threshold", "supervision_steps", "share_step_cache")
                     if name in kwargs}
-        generator = torch.Generator()
-        if settings.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(settings.seed)
         request = _Request(encoded=encoded, settings=settings, controls=controls,
                            streamer=TextIteratorStreamer(self.tokenizer, skip_prompt=False, **DECODE_KWARGS),
-                           processors=logits_processors(settings), generator=generator, trace_top_k=trace_top_k)
+                           processors=kwargs["logits_processor"], trace_top_k=trace_top_k)
         self._queue.put(request)
         return self._follow(request)
 
@@ -187,7 +146,7 @@ class BatchedDecoder:
         request.finished.wait()
         if request.error is not None:
             raise request.error
-        return _result(self.tokenizer, request.encoded, [request.token_ids], request.records)
+        return _result(self.tokenizer, request.encoded, [request.token_ids], request.traces)
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Stop the thread after the batch in progress (it takes no newcomers once it has seen the close);
@@ -273,7 +232,7 @@ class BatchedDecoder:
         self.batch_sizes.append(len(rows))
         self._in_flight.extend(rows)
         for row in rows:
-            row.records = [] if row.trace_top_k else None
+            row.traces = [] if row.trace_top_k else None
         # left padding: every row's next token is read from the last column
         input_ids, attention_mask = left_pad([row.encoded.input_ids[0] for row in rows], self.pad_token_id)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # each row counts from its own first token
@@ -287,7 +246,7 @@ class BatchedDecoder:
         rows = batch.rows
         if position_ids is None:
             position_ids = batch.last_position.unsqueeze(1)
-        # The depth view's records come from the decoding itself: each step's top-k for the next token.
+        # The depth view's traces come from the decoding itself: each step's top-k for the next token.
         trace_top_k = max(row.trace_top_k for row in rows)
         out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
                          use_cache=True, logits_to_keep=1, output_step_topk=trace_top_k,
@@ -296,9 +255,9 @@ class BatchedDecoder:
         keep, next_ids, done = [], [], []
         for i, row in enumerate(rows):
             token = row.next_token(logits[i:i + 1])
-            if row.trace_top_k:
-                row.records.append(step_record(out, i, row.trace_top_k, token,
-                                               row.encoded.input_ids.shape[1] + len(row.token_ids)))
+            if row.trace_top_k:  # the last column predicted it; positions count the row's own tokens
+                position = row.encoded.input_ids.shape[1] + len(row.token_ids)
+                row.traces.append(TokenTrace.from_output(out, i, -1, token, position, self.tokenizer, row.trace_top_k))
             row.token_ids.append(token)
             row.streamer.put(torch.tensor([token]))
             if token == self.eos_token_id or len(row.token_ids) >= row.settings.max_new_tokens \
@@ -366,4 +325,4 @@ def _left_pad_columns(tensor: torch.Tensor, width: int, dim: int) -> torch.Tenso
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
-__all__ = ["BatchedDecoder", "left_pad", "logits_processors"]
+__all__ = ["BatchedDecoder", "left_pad"]

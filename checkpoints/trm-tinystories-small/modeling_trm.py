@@ -37,6 +37,48 @@ from .configuration_trm import TRMConfig
 from .core import IGNORE_INDEX, RecursionCache, SelfAttention, TRMCore, init_trm_weights
 
 
+TOKEN_DECODE_KWARGS = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+@dataclass(frozen=True)
+class StepPrediction:
+    """The top-k next-token predictions after one supervision step."""
+
+    step: int  # 1-based
+    top_ids: list[int]
+    top_probs: list[float]
+    top_tokens: list[str] | None = None  # decoded, when a tokenizer was given
+
+
+@dataclass(frozen=True)
+class TokenTrace:
+    """One generated token and the supervision steps that produced it (what `inspect()` returns)."""
+
+    position: int  # index in the row's own tokens, prompt included (a prompt's BOS is position 0)
+    token_id: int
+    steps_used: int  # < the steps run when the token exited early (ACT)
+    step_predictions: list[StepPrediction]  # one per step the token ran
+    token: str | None = None  # decoded on its own, when a tokenizer was given (a byte of a multi-byte
+    #                           character shows as U+FFFD)
+
+    @classmethod
+    def from_output(cls, out, row: int, column: int, token_id: int, position: int, tokenizer=None,
+                    top_k: int | None = None) -> "TokenTrace":
+        """The trace of `token_id`, predicted by `column` of row `row` of a forward pass run with
+        `output_step_topk` (the one place that reads `steps_used` and `step_top_*` for a token); top_k keeps
+        fewer predictions than the pass computed."""
+        decode = (lambda ids: [tokenizer.decode([i], **TOKEN_DECODE_KWARGS) for i in ids]) if tokenizer else None
+        used = int(out.steps_used[row, column])
+        predictions = []
+        for s in range(used):
+            ids = out.step_top_ids[s, row, column, :top_k].tolist()
+            probs = out.step_top_probs[s, row, column, :top_k].tolist()
+            predictions.append(StepPrediction(step=s + 1, top_ids=ids, top_probs=probs,
+                                              top_tokens=decode(ids) if decode else None))
+        return cls(position=position, token_id=token_id, steps_used=used, step_predictions=predictions,
+                   token=decode([token_id])[0] if decode else None)
+
+
 def resolve_halt_threshold(value, config, training: bool, criterion: str = "head"):
     """One meaning everywhere (forward, generation settings, CLI, app): None = use the config's, 0 = off.
 
@@ -455,15 +497,15 @@ class TRMForCausalLM(TRMPreTrainedModel, GenerationMixin):
 
     # ----- inspection ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def inspect(self, input_ids, top_k: int = 3, halt_threshold=None, supervision_steps=None,
-                halt_criterion="head", **generate_kwargs) -> list[dict]:
-        """Generate, then report for every generated token what the recursion did.
+    def inspect(self, input_ids, tokenizer=None, top_k: int = 3, halt_threshold=None, supervision_steps=None,
+                halt_criterion="head", **generate_kwargs) -> list[TokenTrace]:
+        """Generate, then report for every generated token of the first sequence what the recursion did.
 
-        Returns one dict per generated token of the first sequence:
-            {"position", "token_id", "steps_used", "step_predictions": [{"step", "top_ids", "top_probs"}, ...]}
-        `step_predictions` has one entry per supervision step the token actually ran (a halted token
-        stopped thinking there). Uses one uncached forward over prompt + generation, which the cache
-        tests show equals the cached decoding.
+        Returns one TokenTrace per generated token: its id, the supervision steps it ran (fewer than all
+        when it exited early) and the top-k predictions after each of them; given a tokenizer, the tokens
+        are decoded too. Uses one uncached forward over prompt + generation, which the cache tests show
+        equals the cached decoding. Sampling follows `generate_kwargs` (trm_lm.generation builds them,
+        with a per-call torch.Generator for seeded sampling).
         """
         if input_ids.shape[0] != 1:
             raise ValueError("inspect() takes one prompt at a time (batch size 1)")
@@ -471,18 +513,16 @@ class TRMForCausalLM(TRMPreTrainedModel, GenerationMixin):
                        halt_criterion=halt_criterion)
         sequences = self.generate(input_ids, **control, **generate_kwargs)
         sequences = sequences.sequences if hasattr(sequences, "sequences") else sequences
-        return self.step_records(sequences, input_ids.shape[1], top_k=top_k, **control)[0]
+        return self.step_traces(sequences[:1], input_ids.shape[1], tokenizer=tokenizer, top_k=top_k, **control)[0]
 
     @torch.no_grad()
-    def step_records(self, sequences, prompt_lengths, top_k: int = 3, halt_threshold=None,
-                     supervision_steps=None, halt_criterion="head", attention_mask=None) -> list[list[dict]]:
-        """inspect()'s records for sequences already generated, one list per row.
+    def step_traces(self, sequences, prompt_lengths, tokenizer=None, top_k: int = 3, halt_threshold=None,
+                    supervision_steps=None, halt_criterion="head", attention_mask=None) -> list[list[TokenTrace]]:
+        """inspect()'s traces for sequences already generated, one list per row.
 
         sequences: (B, T) ids, left-padded where rows differ in length (attention_mask (B, T) marks the real
         tokens); prompt_lengths: one per row (or one int for all), counted in real tokens. One uncached
-        forward over the whole batch, which the cache tests show equals the cached decoding that produced
-        it (the app's batched decoder scores every finished row this way). Positions are 0-based in the
-        row's own tokens.
+        forward over the whole batch. Positions are 0-based in the row's own tokens.
         """
         B, T = sequences.shape
         if attention_mask is None:
@@ -491,7 +531,7 @@ class TRMForCausalLM(TRMPreTrainedModel, GenerationMixin):
         if isinstance(prompt_lengths, int):
             prompt_lengths = [prompt_lengths] * B
         if len(prompt_lengths) != B or not all(0 < p <= n for p, n in zip(prompt_lengths, lengths)):
-            raise ValueError(f"step_records needs one prompt length in [1, the row's length] per row; got "
+            raise ValueError(f"step_traces needs one prompt length in [1, the row's length] per row; got "
                              f"{list(prompt_lengths)} for rows of {lengths} tokens")
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self(sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
@@ -500,22 +540,12 @@ class TRMForCausalLM(TRMPreTrainedModel, GenerationMixin):
         batch = []
         for row, (prompt_length, length) in enumerate(zip(prompt_lengths, lengths)):
             pad = T - length
-            records = []
-            for position in range(prompt_length, length):
-                source = pad + position - 1  # the column whose output predicted this token
-                used = int(out.steps_used[row, source])
-                records.append({
-                    "position": position,
-                    "token_id": int(sequences[row, pad + position]),
-                    "steps_used": used,
-                    "step_predictions": [
-                        {"step": s + 1, "top_ids": out.step_top_ids[s, row, source].tolist(),
-                         "top_probs": out.step_top_probs[s, row, source].tolist()}
-                        for s in range(used)
-                    ],
-                })
-            batch.append(records)
+            # the token at `position` was predicted by the output of the column before it
+            batch.append([TokenTrace.from_output(out, row, pad + position - 1, int(sequences[row, pad + position]),
+                                                 position, tokenizer)
+                          for position in range(prompt_length, length)])
         return batch
 
 
-__all__ = ["TRMForCausalLM", "TRMModel", "TRMPreTrainedModel", "TRMCausalLMOutputWithPast"]
+__all__ = ["TRMForCausalLM", "TRMModel", "TRMPreTrainedModel", "TRMCausalLMOutputWithPast", "TokenTrace",
+           "StepPrediction"]
