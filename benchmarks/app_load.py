@@ -260,10 +260,10 @@ def main(argv=None) -> dict:
         scratch = Path(scratch)
         if args.model == "tiny":
             sys.path[:0] = [str(REPO), str(REPO / "tests")]  # runs from a checkout without `pip install -e .`
-            from fixtures_model import build_tiny_model  # the test suite's tiny TRM + tokenizer
+            from helpers import build_tiny_model  # the test suite's tiny TRM + tokenizer
 
             model = str(build_tiny_model(scratch / "tiny-trm"))
-            model_label = "tiny random TRM (tests/fixtures_model.py)"
+            model_label = "tiny random TRM (tests/helpers.py)"
         else:
             model = args.model
             model_label = Path(model).name if Path(model).is_dir() else model

@@ -2,7 +2,7 @@
 
     python docs/screenshot.py [--model checkpoints/trm-tinystories-small] [--out docs/app.png]
 
-Needs selenium and Debian's chromium + chromium-driver (as tests/test_browser.py). Serves app.py's demo
+Needs selenium and Debian's chromium + chromium-driver (as tests/app/test_browser.py). Serves app.py's demo
 on a free loopback port, types the prompt, generates with a fixed seed and per-token ACT on, opens the
 per-step table and saves the page.
 """

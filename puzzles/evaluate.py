@@ -12,7 +12,7 @@ P(halt) = sigmoid(q_halt) > the model's halt_threshold (`--halt_threshold`; unse
 q_halt > 0), else at report_step; `exact_accuracy_at_halt` scores the prediction there.
 
 The metric primitives are puzzles.metrics; PuzzleScorer only streams batches into counts, so a predictor
-that returns the labels scores exactly 1.0 (see tests/test_puzzles_model.py).
+that returns the labels scores exactly 1.0 (see tests/puzzles/test_model.py).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ batch's, so a user never waits for strangers' stories to end.
 Same tokens as `generate()`: each row goes through the logits processors `generation.generate_kwargs`
 makes for its settings, whose last one samples with the request's own torch.Generator, so a seeded
 request gives the same text alone, in a batch of strangers, and from `generate_text` with that seed
-(tests/test_serving.py). A
+(tests/trm_lm/test_serving.py). A
 forward pass takes one value of each TRM control, so requests with different supervision steps or halt
 thresholds are decoded in separate batches.
 """

@@ -1,30 +1,23 @@
-"""A tiny saved TRM language model + byte-level BPE tokenizer, for tests of anything that loads a model dir.
+"""What several test modules share that is not a fixture (the fixtures are in conftest.py, built from these).
 
-Use it from a test module with
-
-    from fixtures_model import tiny_model_dir  # noqa: F401  (pytest fixture)
-
-and ask for `tiny_model_dir` (a Path: config.json, model.safetensors, the remote-code .py files,
-tokenizer.json, tokenizer_config.json). Built once per session in a temp dir, in about a second.
-The weights are random (seeded), so generations are gibberish but deterministic for a given seed.
-
-`tiny_solver_dir` / `build_tiny_solver`: the same for a random 6x6 Sudoku grid model (puzzles/), for the
-solve CLI, app and browser tests.
-
-Also here: `load_script` (import generate/generate.py or app.py as a module) and `running_app`
-(the Gradio app on a free loopback port), shared by the CLI, app and browser tests.
+`build_tiny_model`: a tiny saved TRM language model + byte-level BPE tokenizer (config.json, model.safetensors,
+the remote-code .py files, tokenizer.json, tokenizer_config.json), in about a second. The weights are random
+(seeded), so generations are gibberish but deterministic for a given seed. `build_tiny_solver`: the same for a
+random 6x6 Sudoku grid model (puzzles/). `load_script` (import generate/generate.py or app.py as a module),
+`running_app` (the Gradio app on a free loopback port), `run_isolated` (a fresh user's interpreter that cannot
+import trm_lm), and the CLI-call and bad-input helpers of the robustness tests.
 """
 
 import importlib.util
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 import torch
 
 from puzzles.model import PuzzleTRMConfig, TRMPuzzleModel
@@ -68,9 +61,6 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-trm"))
 
 
 SOLVER_SHAPE = SudokuShape.from_size(6)
@@ -98,9 +88,6 @@ def build_tiny_solver(path: Path, seed: int = 0, halt_bias: float | None = None,
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_solver_dir(tmp_path_factory) -> Path:
-    return build_tiny_solver(tmp_path_factory.mktemp("tiny-sudoku-solver"))
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -186,23 +173,25 @@ def running_app(model_dir: Path, **build_kwargs):
         del _DECODERS[url]
 
 
-@pytest.fixture(scope="module")
-def cli():
-    """generate/generate.py as a module (its main(argv) is the CLI)."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    yield load_script("generate/generate.py")
-    hf_logging.set_verbosity(verbosity)  # main() silences transformers; give the rest of the session its logs back
+def run_cli(cli, capsys, *args):
+    code = cli.main([str(arg) for arg in args])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-@pytest.fixture(scope="module")
-def app(tiny_model_dir):
-    with running_app(tiny_model_dir) as running:
-        yield running
+def assert_one_line_error(code, out, err, message):
+    assert code == 2 and out == "", err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err, err
 
 
-@pytest.fixture(scope="module")
-def client(app):
-    gradio_client = pytest.importorskip("gradio_client")
-    return gradio_client.Client(app[0], verbose=False)
+def big_prompt(chars: int) -> str:
+    """`chars` characters of seeded story-like words (a pasted book, not one repeated token)."""
+    words = "Once upon a time there was a little girl named Lily who liked to play in the park with Tom".split()
+    rng = random.Random(0)
+    return " ".join(rng.choice(words) for _ in range(chars // 3))[:chars]
+
+
+def garbage(size: int, seed: int = 0) -> bytes:
+    rng = random.Random(seed)
+    return bytes(rng.getrandbits(8) for _ in range(size))

@@ -1,6 +1,6 @@
 """puzzles/solve.py: the Sudoku solve API and `python -m puzzles.solve`, on a tiny random 6x6 grid model.
 
-`tiny_solver_dir` and `build_tiny_solver` (tests/fixtures_model.py) are save_pretrained folders of a random
+`tiny_solver_dir` and `build_tiny_solver` (tests/helpers.py, fixtures in tests/conftest.py) are save_pretrained folders of a random
 TRMPuzzleModel for 6x6 Sudoku with the puzzle_task.json training writes (variants: e.g. a halting head that
 always says "halt").
 """
@@ -14,15 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures_model import SOLVER_SHAPE as SHAPE, SOLVER_TRAINED_STEPS as TRAINED_STEPS, build_tiny_solver  # noqa: F401
-from fixtures_model import tiny_model_dir, tiny_solver_dir  # noqa: F401  (pytest fixtures)
+from helpers import SOLVER_SHAPE as SHAPE, SOLVER_TRAINED_STEPS as TRAINED_STEPS, build_tiny_solver
 
 from puzzles import solve
-from puzzles.model import PuzzleTRMConfig, TRMPuzzleModel
 from puzzles.solve import SolveResult, board_text, load_solver, main, read_puzzle
-from puzzles.sudoku import SudokuShape, format_sudoku, from_tokens, generate_puzzle, is_valid_solution
+from puzzles.sudoku import format_sudoku, from_tokens, generate_puzzle, is_valid_solution
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_SOLVER = REPO_ROOT / "checkpoints" / "trm-sudoku6"
 
 

@@ -281,7 +281,7 @@ def test_saved_folder_loads_as_remote_code_without_the_packages(tmp_path):
     a process that cannot import trm_lm or puzzles loads it with trust_remote_code and predicts the same."""
     import textwrap
 
-    from fixtures_model import WITHOUT_TRM_LM, build_tiny_solver, run_isolated
+    from helpers import WITHOUT_TRM_LM, build_tiny_solver, run_isolated
 
     from puzzles.model import REMOTE_CODE_DEPENDENCIES, REMOTE_CODE_MODULE, TRMPuzzleModel
 

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 import trm_lm  # noqa: F401  (registers the TRM classes with the Auto classes)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Runs trm_lm.text_task.main() (train/train_lm.py) in each rank, recording which blocks the rank trained on and a checksum of its
 # final parameters.

@@ -4,10 +4,9 @@ import threading
 
 import pytest
 import torch
-from fixtures_model import tiny_model_dir  # noqa: F401
 from transformers import GenerationConfig
 
-from trm_lm.generation import GenerationSettings, generate_text, load_model_and_tokenizer
+from trm_lm.generation import GenerationSettings, generate_text
 from trm_lm.serving import BatchedDecoder
 
 # different lengths, so that the batch is left-padded and every row's positions start at its own first token
@@ -15,9 +14,6 @@ PROMPTS = ["Once upon a time", "Lily and Tom went to the park with a big red bal
            "One day, a little girl named Lily found a toy car under the tree in the garden."]
 
 
-@pytest.fixture(scope="module")
-def model_and_tokenizer(tiny_model_dir):
-    return load_model_and_tokenizer(tiny_model_dir, device="cpu")
 
 
 def drain(stream):

@@ -21,7 +21,7 @@ from trm_lm.baselines import baseline_table, count_parameters, llama_config_from
 from trm_lm import text_task
 from trm_lm.training import TrainingArguments, TrainingTask, parse_args, run_training
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VOCAB, LENGTH = 24, 16
 
 
@@ -426,7 +426,7 @@ def test_help_states_each_default_once(command):
     import sys
 
     out = subprocess.run([sys.executable, *command.split(), "--help"], capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).resolve().parents[1])
+                         cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stdout.split())
     assert "(default: None)" not in text

@@ -8,7 +8,7 @@ continuation of a fixed prompt equals a stored text.
 
 The stored text is regenerated only when the checkpoint changes:
 
-    python tests/test_shipped_model.py --regenerate
+    python tests/trm_lm/test_shipped_model.py --regenerate
 """
 
 import ast
@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fixtures_model import REPO_ROOT, cli, load_script, running_app  # noqa: E402, F401
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import REPO_ROOT, running_app
 
 SHIPPED = REPO_ROOT / "checkpoints" / "trm-tinystories-small"
-GOLDEN = Path(__file__).resolve().parent / "golden" / "trm-tinystories-small.json"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "trm-tinystories-small.json"
 GOLDEN_PROMPT = "Once upon a time, there was a little girl named Lily."
 GOLDEN_NEW_TOKENS = 96
 PROMPT = "Once upon a time"
@@ -87,7 +87,7 @@ def test_golden_greedy_continuation(shipped):
     model, tokenizer = shipped
     golden = json.loads(GOLDEN.read_text())
     assert golden["model_sha256"] == weights_sha256(), (
-        "the shipped weights changed: regenerate the stored text with `python tests/test_shipped_model.py "
+        "the shipped weights changed: regenerate the stored text with `python tests/trm_lm/test_shipped_model.py "
         "--regenerate` and review the new story")
     ids = greedy(model, tokenizer, golden["prompt"], golden["max_new_tokens"])
     assert ids.tolist() == golden["token_ids"]

@@ -11,7 +11,7 @@ from transformers import AutoModel
 from puzzles import solve, sudoku
 from puzzles.model import TRMPuzzleModel, write_remote_code
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # How each solver's held-out boards are built (`python -m puzzles.build --task sudoku-gen`, default seed 0; the
 # commands are in the folders' README.md) and how many of the first 32 it must solve exactly after its trained
 # steps: all for 6x6 (99.2% of 1,000), three quarters for 9x9 (76.1% of 1,000 after its 8 trained steps).

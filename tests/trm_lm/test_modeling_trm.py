@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, StaticCache
 
-from fixtures_model import WITHOUT_TRM_LM, run_isolated
+from helpers import WITHOUT_TRM_LM, run_isolated
 from trm_lm import TRMConfig, TRMForCausalLM
 from trm_lm.modeling_trm import CACHE_FIELD
 

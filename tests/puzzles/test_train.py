@@ -22,7 +22,7 @@ from puzzles.train_task import (AugmentedSudokuDataset, PuzzleDataArguments, Puz
                                 default_config)
 from trm_lm.training import TrainingArguments, parse_args
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("train_puzzles", REPO / "train" / "train_puzzles.py")
 train_puzzles = importlib.util.module_from_spec(_spec)  # train/ is a folder of scripts, not a package
 _spec.loader.exec_module(train_puzzles)

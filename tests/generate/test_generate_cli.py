@@ -15,8 +15,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from fixtures_model import REPO_ROOT, cli, load_script, tiny_model_dir  # noqa: F401
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel, set_seed
+from helpers import REPO_ROOT, run_cli
+from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel, set_seed
 
 from trm_lm.generation import GenerationSettings, encode_prompt, generate_text, stream_generate
 from trm_lm.inspection import format_trace_table, inspect_generation
@@ -26,15 +26,8 @@ PROMPT = "Once upon a time"
 
 
 
-@pytest.fixture(scope="module")
-def model_and_tokenizer(tiny_model_dir):  # noqa: F811
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-def run_cli(cli, capsys, *args):
-    code = cli.main([str(arg) for arg in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def prompt_ids(tokenizer, prompt=PROMPT):
@@ -47,7 +40,7 @@ def sampling_config(tokenizer, max_new_tokens, temperature, top_p=0.95):
                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
 
 
-def test_stream_equals_non_stream_and_plain_generate(cli, capsys, tiny_model_dir, model_and_tokenizer):  # noqa: F811
+def test_stream_equals_non_stream_and_plain_generate(cli, capsys, tiny_model_dir, model_and_tokenizer):
     args = ["--model", tiny_model_dir, "--prompt", PROMPT, "--max_new_tokens", 24, "--temperature", 0.9,
             "--seed", 3, "--device", "cpu"]
     code, plain, err = run_cli(cli, capsys, *args)
@@ -138,7 +131,7 @@ def expected_traces(model, tokenizer, seed, halt_threshold, max_new_tokens, temp
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_show_steps_matches_model_inspect(cli, capsys, tiny_model_dir, model_and_tokenizer, stream):  # noqa: F811
+def test_show_steps_matches_model_inspect(cli, capsys, tiny_model_dir, model_and_tokenizer, stream):
     model, tokenizer = model_and_tokenizer
     args = ["--model", tiny_model_dir, "--prompt", PROMPT, "--max_new_tokens", 20, "--temperature", 0.9,
             "--seed", 5, "--halt_threshold", 0.5, "--show_steps", "--device", "cpu"] + (["--stream"] if stream else [])
@@ -174,7 +167,7 @@ def test_inspect_generation_follows_the_settings(model_and_tokenizer):
         inspect_generation(model, tokenizer, PROMPT, temprature=1.0)
 
 
-def test_long_prompt_is_cut_from_the_left_with_a_warning(cli, capsys, tiny_model_dir, model_and_tokenizer):  # noqa: F811
+def test_long_prompt_is_cut_from_the_left_with_a_warning(cli, capsys, tiny_model_dir, model_and_tokenizer):
     _, tokenizer = model_and_tokenizer
     prompt = "Lily saw a big red ball in the park. " * 20
     total = 1 + len(tokenizer(prompt)["input_ids"])
@@ -191,7 +184,7 @@ def test_long_prompt_is_cut_from_the_left_with_a_warning(cli, capsys, tiny_model
     assert encoded.input_ids[0, -5:].tolist() == tokenizer(prompt)["input_ids"][-5:]
 
 
-def test_several_samples(cli, capsys, tiny_model_dir):  # noqa: F811
+def test_several_samples(cli, capsys, tiny_model_dir):
     code, out, err = run_cli(cli, capsys, "--model", tiny_model_dir, "--prompt", PROMPT, "--max_new_tokens", 10,
                              "--num_return_sequences", 3, "--seed", 0, "--device", "cpu")
     assert code == 0, err
@@ -200,7 +193,7 @@ def test_several_samples(cli, capsys, tiny_model_dir):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def broken_dirs(tiny_model_dir, tmp_path_factory):  # noqa: F811
+def broken_dirs(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("broken")
     no_config = root / "no_config"
     shutil.copytree(tiny_model_dir, no_config)
@@ -251,13 +244,13 @@ def test_bad_model_folders(cli, capsys, broken_dirs, case, message):
      "streaming shows one sequence"),
     (["--prompt", PROMPT, "--device", "cuda:7" if not torch.cuda.is_available() else "nonsense"], "device"),
 ])
-def test_bad_input_is_one_clear_line(cli, capsys, tiny_model_dir, flags, message):  # noqa: F811
+def test_bad_input_is_one_clear_line(cli, capsys, tiny_model_dir, flags, message):
     code, out, err = run_cli(cli, capsys, "--model", tiny_model_dir, *flags)
     assert code == 2 and out == ""
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
-def test_stdin_prompt_must_be_utf8(cli, capsys, tiny_model_dir, monkeypatch):  # noqa: F811
+def test_stdin_prompt_must_be_utf8(cli, capsys, tiny_model_dir, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Tom saw \xff\xfe a cat\n")))
     code, _, err = run_cli(cli, capsys, "--model", tiny_model_dir, "--prompt", "-")
     assert code == 2 and "not valid UTF-8: byte 0xff at offset 8" in err
@@ -284,7 +277,7 @@ def run_script(*args, stdin=b""):
                           input=stdin, capture_output=True, env=env, cwd=REPO_ROOT.parent, timeout=120)
 
 
-def test_subprocess_reads_stdin_and_prints_the_story(tiny_model_dir):  # noqa: F811
+def test_subprocess_reads_stdin_and_prints_the_story(tiny_model_dir):
     done = run_script("--model", tiny_model_dir, "--prompt", "-", "--max_new_tokens", 6, "--temperature", 0,
                       stdin="Lily and Tom\n".encode())
     assert done.returncode == 0, done.stderr.decode()
@@ -307,7 +300,7 @@ def test_closing_a_stream_early_stops_the_generation_thread(model_and_tokenizer)
     assert not [t for t in threading.enumerate() if t.name == "trm-lm-generate"]
 
 
-def test_any_causal_lm_generates_but_trm_controls_are_refused(cli, capsys, tiny_model_dir, tmp_path):  # noqa: F811
+def test_any_causal_lm_generates_but_trm_controls_are_refused(cli, capsys, tiny_model_dir, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=1, n_head=2,
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)

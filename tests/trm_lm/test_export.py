@@ -1,11 +1,10 @@
 """trm_lm.export: the int8 folder (size, closeness, loading, generation) and the ONNX decoding step (same greedy
-tokens as PyTorch), on the tiny random TRM of fixtures_model; and the CLI's one-line errors."""
+tokens as PyTorch), on the tiny random TRM of tests/helpers.py; and the CLI's one-line errors."""
 
 import json
 
 import pytest
 import torch
-from fixtures_model import cli, tiny_model_dir  # noqa: F401  (pytest fixtures)
 
 from trm_lm.export import (
     SCALE_SUFFIX,

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from trm_lm.checkpointing import (CHECKPOINT_MARKER, find_latest_checkpoint, list_checkpoints, remove_partial_checkpoints,
                                   resolve_checkpoint, validate_checkpoint)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS = 40
 FLAGS = ["--config", str(REPO / "train" / "configs" / "tiny-cpu.yaml"), "--max_train_steps", str(STEPS),
          "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4", "--checkpointing_steps", "10",

@@ -12,8 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fixtures_model import running_app, slow_down, tiny_model_dir  # noqa: F401
-from fixtures_model import tiny_solver_dir  # noqa: F401
+from helpers import running_app, slow_down
 
 from puzzles.solve import load_solver
 
@@ -45,7 +44,7 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def app(tiny_model_dir):  # noqa: F811
+def app(tiny_model_dir):
     with running_app(tiny_model_dir, default_seed=1234) as (url, model, tokenizer):
         yield url, tokenizer, model
 
@@ -151,7 +150,7 @@ def test_a_typed_value_outside_a_sliders_range_is_reported(browser, app):
 
 
 @pytest.fixture(scope="module")
-def puzzle_app(tiny_model_dir, tiny_solver_dir):  # noqa: F811
+def puzzle_app(tiny_model_dir, tiny_solver_dir):
     solver = load_solver(tiny_solver_dir)
     with running_app(tiny_model_dir, puzzle_solver=solver, puzzle_step_delay=0.1) as (url, _, _):
         yield url, solver

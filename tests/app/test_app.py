@@ -7,8 +7,8 @@ import shutil
 import gradio as gr
 import pytest
 import torch
-from fixtures_model import app, client, load_script, running_app, running_decoder, slow_down, tiny_model_dir  # noqa: F401
-from fixtures_model import build_tiny_solver, tiny_solver_dir  # noqa: F401
+from helpers import load_script, running_app, running_decoder, slow_down
+from helpers import build_tiny_solver
 from transformers import GenerationConfig, set_seed
 
 from puzzles.solve import load_solver

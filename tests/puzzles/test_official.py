@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_puzzles_model import random_batch, tiny_config
-from test_puzzles_train import TINY, train_puzzles
+from test_model import random_batch, tiny_config
+from test_train import TINY, train_puzzles
 
 from puzzles import arc, build, sudoku
 from puzzles.grids import PuzzleExampleDataset, load_identifiers, load_split

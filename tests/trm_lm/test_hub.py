@@ -12,7 +12,7 @@ from unittest import mock
 import huggingface_hub.constants
 import pytest
 import torch
-from fixtures_model import WITHOUT_TRM_LM, run_isolated, tiny_model_dir  # noqa: F401
+from helpers import WITHOUT_TRM_LM, run_isolated
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 from transformers import AutoModelForCausalLM
 
@@ -24,7 +24,7 @@ COMMAND = "accelerate launch train/train_lm.py --config train/configs/tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def trained_dir(tiny_model_dir, tmp_path_factory):  # noqa: F811
+def trained_dir(tiny_model_dir, tmp_path_factory):
     """The tiny model plus what trm_lm.training leaves next to it: results.json, a log, a checkpoint folder."""
     folder = tmp_path_factory.mktemp("run") / "trm-tiny"
     shutil.copytree(tiny_model_dir, folder)
@@ -130,7 +130,7 @@ def test_the_model_cards_usage_runs_as_written_without_a_question(pushed, tmp_pa
     assert done.stdout.strip()
 
 
-def test_push_refuses_bad_folders_before_touching_the_network(tmp_path, tiny_model_dir, capsys):  # noqa: F811
+def test_push_refuses_bad_folders_before_touching_the_network(tmp_path, tiny_model_dir, capsys):
     pickle_only = tmp_path / "pickle_only"
     shutil.copytree(tiny_model_dir, pickle_only)
     (pickle_only / "model.safetensors").rename(pickle_only / "pytorch_model.bin")
@@ -142,14 +142,14 @@ def test_push_refuses_bad_folders_before_touching_the_network(tmp_path, tiny_mod
     assert "only pickle weights" in err[0] and "invalid --repo_id 'not a repo id!'" in err[1]
 
 
-def test_push_offline_fails_with_one_line(tiny_model_dir, capsys, monkeypatch):  # noqa: F811
+def test_push_offline_fails_with_one_line(tiny_model_dir, capsys, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the real client refuses at once
     assert hub.main(["push", "--model", str(tiny_model_dir), "--repo_id", REPO_ID]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "offline" in err and err.count("\n") == 1
 
 
-def test_export_refuses_a_full_folder_unless_overwrite(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+def test_export_refuses_a_full_folder_unless_overwrite(tiny_model_dir, tmp_path, capsys):
     from trm_lm.hub import main
 
     output = tmp_path / "exported"
@@ -166,7 +166,7 @@ def test_export_refuses_a_full_folder_unless_overwrite(tiny_model_dir, tmp_path,
     assert (output / "model.safetensors").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
 
 
-def test_export_appends_card_sections_with_their_headings_one_level_down(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+def test_export_appends_card_sections_with_their_headings_one_level_down(tiny_model_dir, tmp_path, capsys):
     from trm_lm.hub import main
 
     section = tmp_path / "depth.md"

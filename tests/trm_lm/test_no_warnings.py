@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from fixtures_model import REPO_ROOT, running_app, tiny_model_dir  # noqa: F401
+from helpers import REPO_ROOT, running_app
 
 OUR_MODULES = r"(trm_lm|puzzles|__main__|app|generate|train_lm)(\.|$)"
 # Runs a script (or a module with -m) with our call sites' FutureWarning/DeprecationWarning made errors.
@@ -69,7 +69,7 @@ def test_train_evaluate_generate_print_no_deprecation(small_files, tmp_path):
     assert story.stdout.startswith("Once upon a time")
 
 
-def test_app_generation_warns_nothing_from_our_code(tiny_model_dir):  # noqa: F811
+def test_app_generation_warns_nothing_from_our_code(tiny_model_dir):
     gradio_client = pytest.importorskip("gradio_client")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
