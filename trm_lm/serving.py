@@ -146,7 +146,9 @@ class BatchedDecoder:
         request.finished.wait()
         if request.error is not None:
             raise request.error
-        return _result(self.tokenizer, request.encoded, [request.token_ids], request.traces)
+        # decoded here, in the reader's thread: the decoding thread serves everyone
+        traces = None if request.traces is None else [trace.decoded(self.tokenizer) for trace in request.traces]
+        return _result(self.tokenizer, request.encoded, [request.token_ids], traces)
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Stop the thread after the batch in progress (it takes no newcomers once it has seen the close);
@@ -257,7 +259,7 @@ class BatchedDecoder:
             token = row.next_token(logits[i:i + 1])
             if row.trace_top_k:  # the last column predicted it; positions count the row's own tokens
                 position = row.encoded.input_ids.shape[1] + len(row.token_ids)
-                row.traces.append(TokenTrace.from_output(out, i, -1, token, position, self.tokenizer, row.trace_top_k))
+                row.traces.append(TokenTrace.from_output(out, i, -1, token, position, top_k=row.trace_top_k))
             row.token_ids.append(token)
             row.streamer.put(torch.tensor([token]))
             if token == self.eos_token_id or len(row.token_ids) >= row.settings.max_new_tokens \

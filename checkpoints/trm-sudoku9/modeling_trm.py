@@ -22,7 +22,7 @@ import math
 import os
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -67,16 +67,21 @@ class TokenTrace:
         """The trace of `token_id`, predicted by `column` of row `row` of a forward pass run with
         `output_step_topk` (the one place that reads `steps_used` and `step_top_*` for a token); top_k keeps
         fewer predictions than the pass computed."""
-        decode = (lambda ids: [tokenizer.decode([i], **TOKEN_DECODE_KWARGS) for i in ids]) if tokenizer else None
         used = int(out.steps_used[row, column])
-        predictions = []
-        for s in range(used):
-            ids = out.step_top_ids[s, row, column, :top_k].tolist()
-            probs = out.step_top_probs[s, row, column, :top_k].tolist()
-            predictions.append(StepPrediction(step=s + 1, top_ids=ids, top_probs=probs,
-                                              top_tokens=decode(ids) if decode else None))
-        return cls(position=position, token_id=token_id, steps_used=used, step_predictions=predictions,
-                   token=decode([token_id])[0] if decode else None)
+        predictions = [StepPrediction(step=s + 1, top_ids=out.step_top_ids[s, row, column, :top_k].tolist(),
+                                      top_probs=out.step_top_probs[s, row, column, :top_k].tolist())
+                       for s in range(used)]
+        trace = cls(position=position, token_id=token_id, steps_used=used, step_predictions=predictions)
+        return trace.decoded(tokenizer) if tokenizer is not None else trace
+
+    def decoded(self, tokenizer) -> "TokenTrace":
+        """This trace with its token and every prediction decoded, each id on its own."""
+        def decode(token_id):
+            return tokenizer.decode([token_id], **TOKEN_DECODE_KWARGS)
+
+        return replace(self, token=decode(self.token_id),
+                       step_predictions=[replace(p, top_tokens=[decode(i) for i in p.top_ids])
+                                         for p in self.step_predictions])
 
 
 def resolve_halt_threshold(value, config, training: bool, criterion: str = "head"):
