@@ -79,6 +79,12 @@ class _Request:
     def batch_key(self) -> tuple:
         return tuple(sorted(self.controls.items()))
 
+    @property
+    def sampling_key(self) -> tuple | None:
+        """Rows with the same key share every processor but the draw (None: a penalty reads this row's history)."""
+        s = self.settings
+        return None if s.repetition_penalty != 1.0 else (s.temperature, s.top_k, s.top_p)
+
     def next_token(self, logits: torch.Tensor) -> int:
         """Pick this row's next token from its (1, V) float32 logits, as generate() does."""
         history = torch.cat([self.encoded.input_ids[0], torch.tensor(self.token_ids, dtype=torch.long)])
@@ -89,6 +95,31 @@ class _Request:
         self.error = error
         self.streamer.end()
         self.finished.set()
+
+
+def next_tokens(rows: list[_Request], logits: torch.Tensor) -> list[int]:
+    """Every row's next token from the batch's (B, V) float32 logits, each exactly as `row.next_token` picks it.
+
+    Temperature, top-k and top-p treat rows independently, so rows with the same settings are warped together
+    (one sort of their logits instead of one per row); only the draw, with each row's own generator, is per
+    row. Rows with a repetition penalty (which reads the row's own history) go one by one."""
+    tokens: list[int | None] = [None] * len(rows)
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+        if row.sampling_key is None:
+            tokens[i] = row.next_token(logits[i:i + 1])
+        else:
+            groups.setdefault(row.sampling_key, []).append(i)
+    for members in groups.values():
+        processors = rows[members[0]].processors
+        sampling = rows[members[0]].settings.temperature != 0
+        scores = logits[members]
+        for warp in processors[:-1] if sampling else processors:  # no penalty here; the draw is the last one
+            scores = warp(None, scores)
+        for j, i in enumerate(members):
+            row_scores = rows[i].processors[-1](None, scores[j:j + 1]) if sampling else scores[j:j + 1]
+            tokens[i] = int(row_scores.argmax(dim=-1))
+    return tokens
 
 
 class BatchedDecoder:
@@ -255,8 +286,7 @@ class BatchedDecoder:
                          **{CACHE_FIELD: batch.cache}, **rows[0].controls)
         logits = out.logits[:, -1].to(dtype=torch.float32)  # (B, V)
         keep, next_ids, done = [], [], []
-        for i, row in enumerate(rows):
-            token = row.next_token(logits[i:i + 1])
+        for i, (row, token) in enumerate(zip(rows, next_tokens(rows, logits))):
             if row.trace_top_k:  # the last column predicted it; positions count the row's own tokens
                 position = row.encoded.input_ids.shape[1] + len(row.token_ids)
                 row.traces.append(TokenTrace.from_output(out, i, -1, token, position, top_k=row.trace_top_k))
