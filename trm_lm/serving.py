@@ -25,6 +25,7 @@ thresholds are decoded in separate batches.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -48,6 +49,7 @@ from .generation import (
 from .modeling_trm import CACHE_FIELD, TokenTrace
 
 _CLOSE = object()  # queue sentinel
+logger = logging.getLogger(__name__)
 
 
 def left_pad(sequences: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,30 +218,36 @@ class BatchedDecoder:
         return taken
 
     def _serve(self) -> None:
-        while not self._closing:
-            if not self._set_aside:  # sleep until someone submits
-                first = self._queue.get()
-                if first is _CLOSE:
+        ending = RuntimeError("the decoder was closed before this request ran")
+        try:
+            while not self._closing:
+                if not self._set_aside:  # sleep until someone submits
+                    first = self._queue.get()
+                    if first is _CLOSE:
+                        break
+                    self._set_aside.append(first)
+                rows = self._take(None, self.max_batch_size, self.gather_seconds)
+                try:
+                    self._decode(rows)
+                except BaseException as error:  # handed to every reader of the batch, who re-raises it
+                    for request in self._in_flight:
+                        if not request.finished.is_set():
+                            request.finish(error)
+                self._in_flight = []
+        except BaseException as error:  # a bug outside a batch: the thread ends, and says why to every reader
+            ending = RuntimeError(f"the decoder stopped: {type(error).__name__}: {error}")
+            logger.error("%s", ending, exc_info=error)
+        finally:  # nobody waits forever: fail what is in flight or still waiting
+            self._closed = True
+            waiting = self._in_flight + self._set_aside
+            while True:
+                try:
+                    waiting.append(self._queue.get_nowait())
+                except queue.Empty:
                     break
-                self._set_aside.append(first)
-            rows = self._take(None, self.max_batch_size, self.gather_seconds)
-            try:
-                self._decode(rows)
-            except BaseException as error:  # handed to every reader of the batch, who re-raises it
-                for request in self._in_flight:
-                    if not request.finished.is_set():
-                        request.finish(error)
-            self._in_flight = []
-        # fail what is still waiting instead of leaving its reader waiting forever
-        waiting = self._set_aside
-        while True:
-            try:
-                waiting.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        for request in waiting:
-            if request is not _CLOSE:
-                request.finish(RuntimeError("the decoder was closed before this request ran"))
+            for request in waiting:
+                if request is not _CLOSE and not request.finished.is_set():
+                    request.finish(ending)
 
     @torch.no_grad()
     def _decode(self, rows: list[_Request]) -> None:

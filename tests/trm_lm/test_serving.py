@@ -199,6 +199,31 @@ def test_an_error_in_decoding_reaches_every_reader_and_the_thread_goes_on(model_
         decoder.close()
 
 
+def test_a_dead_decoding_thread_fails_its_readers_instead_of_leaving_them_waiting(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    decoder = BatchedDecoder(model, tokenizer, gather_seconds=0.0)
+
+    def broken_take(*args, **kwargs):  # outside any batch: this ends the decoding thread
+        raise RuntimeError("a bug in the scheduler")
+
+    monkeypatch.setattr(decoder, "_take", broken_take)
+    outcome = {}
+
+    def read():
+        try:
+            drain(decoder.submit(PROMPTS[0], GenerationSettings(max_new_tokens=4, temperature=0.0)))
+        except RuntimeError as error:
+            outcome["error"] = str(error)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    reader.join(30)
+    assert not reader.is_alive(), "the reader was left waiting"
+    assert outcome["error"] == "the decoder stopped: RuntimeError: a bug in the scheduler"
+    with pytest.raises(RuntimeError, match="closed"):  # and the decoder says it is closed
+        decoder.submit(PROMPTS[0], GenerationSettings(max_new_tokens=4))
+
+
 def test_many_threads_submitting_at_once_are_batched(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     decoder = BatchedDecoder(model, tokenizer, max_batch_size=8, gather_seconds=0.2)
