@@ -11,8 +11,9 @@ to the weights and `from_pretrained(dir, trust_remote_code=True)` works where tr
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_trm import TRMConfig
-from .inspection import TokenTrace, format_trace_table, inspect_generation
-from .modeling_trm import TRMCausalLMOutputWithPast, TRMForCausalLM, TRMModel, TRMPreTrainedModel
+from .generation import inspect_generation
+from .inspection import format_trace_table
+from .modeling_trm import TokenTrace, TRMCausalLMOutputWithPast, TRMForCausalLM, TRMModel, TRMPreTrainedModel
 
 AutoConfig.register(TRMConfig.model_type, TRMConfig, exist_ok=True)
 AutoModel.register(TRMConfig, TRMModel, exist_ok=True)

@@ -5,7 +5,7 @@
 
 The traces come from `TRMForCausalLM.inspect` (one TokenTrace per generated token, decoded when it is given
 the tokenizer), reached through `trm_lm.generation` (`generate_text` / `stream_generate` with
-`trace_top_k`, or `inspect_generation`) or the app's batched decoder. This module only presents them: the
+`trace_top_k`, or `trm_lm.generation.inspect_generation`) or the app's batched decoder. This module only presents them: the
 CLI's `--show_steps` table and the app's depth view and per-step table.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .generation import inspect_generation
 from .modeling_trm import StepPrediction, TokenTrace
 
 
@@ -67,5 +66,5 @@ def format_trace_table(traces: list[TokenTrace]) -> str:
                               f"mean {mean_steps(traces):.2f} steps per token)"])
 
 
-__all__ = ["StepPrediction", "TokenTrace", "inspect_generation", "format_trace_table", "trace_rows",
+__all__ = ["StepPrediction", "TokenTrace", "format_trace_table", "trace_rows",
            "format_predictions", "steps_histogram", "steps_label", "steps_summary", "mean_steps"]

@@ -40,6 +40,7 @@ from .generation import (
     EncodedPrompt,
     GenerationResult,
     GenerationSettings,
+    SampleWithGenerator,
     _result,
     check_trace_top_k,
     generate_kwargs,
@@ -87,6 +88,12 @@ class _Request:
         s = self.settings
         return None if s.repetition_penalty != 1.0 else (s.temperature, s.top_k, s.top_p)
 
+    @property
+    def draw(self) -> SampleWithGenerator | None:
+        """The processor that samples this row's token (last in `processors`); None when greedy."""
+        last = self.processors[-1] if len(self.processors) else None
+        return last if isinstance(last, SampleWithGenerator) else None
+
     def next_token(self, logits: torch.Tensor) -> int:
         """Pick this row's next token from its (1, V) float32 logits, as generate() does."""
         history = torch.cat([self.encoded.input_ids[0], torch.tensor(self.token_ids, dtype=torch.long)])
@@ -113,13 +120,13 @@ def next_tokens(rows: list[_Request], logits: torch.Tensor) -> list[int]:
         else:
             groups.setdefault(row.sampling_key, []).append(i)
     for members in groups.values():
-        processors = rows[members[0]].processors
-        sampling = rows[members[0]].settings.temperature != 0
+        first = rows[members[0]]
+        shared = first.processors[:-1] if first.draw is not None else first.processors  # no penalty in a group
         scores = logits[members]
-        for warp in processors[:-1] if sampling else processors:  # no penalty here; the draw is the last one
+        for warp in shared:
             scores = warp(None, scores)
         for j, i in enumerate(members):
-            row_scores = rows[i].processors[-1](None, scores[j:j + 1]) if sampling else scores[j:j + 1]
+            row_scores = scores[j:j + 1] if rows[i].draw is None else rows[i].draw(None, scores[j:j + 1])
             tokens[i] = int(row_scores.argmax(dim=-1))
     return tokens
 

@@ -18,8 +18,8 @@ import torch
 from helpers import REPO_ROOT, run_cli
 from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel, set_seed
 
-from trm_lm.generation import GenerationSettings, encode_prompt, generate_text, stream_generate
-from trm_lm.inspection import format_trace_table, inspect_generation
+from trm_lm.generation import GenerationSettings, encode_prompt, generate_text, inspect_generation, stream_generate
+from trm_lm.inspection import format_trace_table
 
 PROMPT = "Once upon a time"
 
