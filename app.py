@@ -16,7 +16,9 @@ costs little more than serving one; a seeded request gives the same story whoeve
 import argparse
 import os
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported
@@ -45,9 +47,12 @@ MAX_PROMPT_CHARS = 4000  # checked before tokenizing, so a pasted book cannot ti
 MAX_NEW_TOKENS_CAP = 512
 PREDICTIONS_PER_STEP = 3
 CONCURRENCY = 16  # requests served at once (gradio worker threads), all decoded in one batch
-# seconds between story updates while streaming: every update is an event through gradio's queue, which with
-# many users costs more than the decoding itself; 10 updates a second still reads as streaming
+# Story updates while streaming: every update is an event through gradio's queue and the client's connection,
+# which with many users costs more CPU than the decoding itself (16 users on 2 cores, 64 tokens each: p95
+# latency 4.1 s at 10 updates a second each, 3.2 s at 40 a second in all, 2.7 s at 16; benchmarks/app_load.py).
+# One user gets 10 a second (still reads as streaming); all users together at most --stream_updates_per_second.
 STREAM_INTERVAL = 0.1
+STREAM_UPDATES_PER_SECOND = 20
 EXAMPLES = ["Once upon a time, there was a little dog named Max.", "Lily and Tom went to the park.",
             "The sun was hot, so the cat"]
 # cool to hot: green = exited after the first step, dark red = ran every supervision step
@@ -83,9 +88,35 @@ document.addEventListener('change', (event) => {
 """
 
 
+class UpdatePacer:
+    """How often each story stream may update: at most one update every `interval` seconds, and at most
+    `per_second` updates a second from all the streams under way together."""
+
+    def __init__(self, interval: float = STREAM_INTERVAL, per_second: float = STREAM_UPDATES_PER_SECOND):
+        self.min_interval, self.per_second = interval, per_second
+        self.streams = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def stream(self):
+        """Count one stream while the block runs (a generator's block ends when gradio closes it)."""
+        with self._lock:
+            self.streams += 1
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self.streams -= 1
+
+    @property
+    def interval(self) -> float:
+        return max(self.min_interval, self.streams / self.per_second)
+
+
 def build_demo(model, tokenizer, *, max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP,
                max_prompt_chars: int = MAX_PROMPT_CHARS, default_seed: int | None = None,
                max_batch_size: int = CONCURRENCY, stream_interval: float = STREAM_INTERVAL,
+               stream_updates_per_second: float = STREAM_UPDATES_PER_SECOND,
                puzzle_solver: SudokuSolver | None = None, puzzle_note: str = NO_SOLVER_NOTE,
                puzzle_step_delay: float = PUZZLE_STEP_DELAY) -> gr.Blocks:
     """The app around a loaded model; `serve(demo, ...)` it (see main). `demo.decoder` is its BatchedDecoder.
@@ -100,6 +131,7 @@ def build_demo(model, tokenizer, *, max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP
                   for s in range(1, max_steps + 1)}
 
     decoder = BatchedDecoder(model, tokenizer, max_batch_size=max_batch_size)
+    pacer = UpdatePacer(stream_interval, stream_updates_per_second)
 
     def generate(prompt, temperature, top_p, max_new_tokens, halt_threshold, supervision_steps, seed):
         """Stream the story; end with the depth view, the per-step table and a summary."""
@@ -132,15 +164,16 @@ def build_demo(model, tokenizer, *, max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP
         generating = ([], None, "Generating…")
         yield story, *generating
         last_update = time.monotonic()
-        while True:
-            try:
-                story += next(stream)
-            except StopIteration as finished:
-                result = finished.value
-                break
-            if time.monotonic() - last_update >= stream_interval:
-                last_update = time.monotonic()
-                yield story, *generating
+        with pacer.stream():
+            while True:
+                try:
+                    story += next(stream)
+                except StopIteration as finished:
+                    result = finished.value
+                    break
+                if time.monotonic() - last_update >= pacer.interval:
+                    last_update = time.monotonic()
+                    yield story, *generating
 
         if not trm:
             count = len(result.token_ids[0])
@@ -198,7 +231,7 @@ def build_demo(model, tokenizer, *, max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP
                        queue=False)
         with gr.Tab("Puzzles", id="puzzles"):
             puzzle_tab(puzzle_solver, puzzle_note, puzzle_step_delay)
-    demo.decoder = decoder
+    demo.decoder, demo.pacer = decoder, pacer
     return demo
 
 
@@ -323,6 +356,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="requests served at once, decoded together in one batch (seeded results do not "
                              "depend on it)")
     parser.add_argument("--max_new_tokens_cap", type=int, default=MAX_NEW_TOKENS_CAP)
+    parser.add_argument("--stream_updates_per_second", type=float, default=STREAM_UPDATES_PER_SECOND,
+                        help="story updates a second from all streaming users together (each gets at most 10); "
+                             "raise it on a machine with more cores")
     parser.add_argument("--seed", type=int, default=None, help="the seed box's initial value (default: random)")
     parser.add_argument("--puzzle_model", default=None,
                         help="Sudoku grid-model folder for the Puzzles tab (default: checkpoints/trm-sudoku6 "
@@ -337,6 +373,8 @@ def main(argv=None) -> int:
     try:
         if args.concurrency < 1 or args.max_new_tokens_cap < 1:
             raise ValueError("--concurrency and --max_new_tokens_cap must be >= 1")
+        if not args.stream_updates_per_second > 0:  # also NaN
+            raise ValueError(f"--stream_updates_per_second must be > 0, got {args.stream_updates_per_second}")
         model, tokenizer = load_model_and_tokenizer(args.model or default_model_path(REPO_ROOT), device=args.device)
         # a solver asked for must load; the shipped default may be absent, then the Puzzles tab says so
         puzzle_solver = load_solver(args.puzzle_model, device=args.device) if args.puzzle_model else None
@@ -350,7 +388,8 @@ def main(argv=None) -> int:
         except (ValueError, OSError) as error:
             puzzle_note = f"No Sudoku solver: {one_line(error)}."
     demo = build_demo(model, tokenizer, max_new_tokens_cap=args.max_new_tokens_cap, default_seed=args.seed,
-                      max_batch_size=args.concurrency, puzzle_solver=puzzle_solver, puzzle_note=puzzle_note)
+                      max_batch_size=args.concurrency, stream_updates_per_second=args.stream_updates_per_second,
+                      puzzle_solver=puzzle_solver, puzzle_note=puzzle_note)
     # quiet: gradio's banner suggests a public share link, which this local app never makes; say where it is instead
     serve(demo, args.concurrency).launch(server_name=args.host, server_port=args.port, share=False, show_error=True,
                                          quiet=True, prevent_thread_lock=True)

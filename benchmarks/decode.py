@@ -1,5 +1,5 @@
-"""Decode speed of TRMForCausalLM: KV cache on/off (dynamic and static) at 128/512 new tokens, ACT on/off at
-batch 1 and in a batch, and the KV cache's memory per token.
+"""Decode speed of TRMForCausalLM: KV cache on/off (dynamic and static) and compiled decoding at 128/512 new
+tokens, ACT on/off at batch 1 and in a batch, and the KV cache's memory per token.
 
     python benchmarks/decode.py                       # shipped model if present, else a random tiny-stories-size model
     python benchmarks/decode.py --model DIR --new_tokens 128 512 --halt_thresholds 0.5 0.9
@@ -14,11 +14,13 @@ against the same prompt decoded alone with the same setting.
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from transformers import LogitsProcessorList, MinNewTokensLengthLogitsProcessor
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -27,6 +29,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from results_path import add_results_flags, results_path  # noqa: E402
 
 from trm_lm import TRMConfig, TRMForCausalLM  # noqa: E402
+from trm_lm.compiled import CompiledDecoder  # noqa: E402
 
 SHIPPED = REPO / "checkpoints" / "trm-tinystories-small"
 
@@ -40,6 +43,13 @@ def load_model(path: str | None) -> tuple[TRMForCausalLM, str]:
     config = TRMConfig(vocab_size=4096, hidden_size=256, num_attention_heads=4, net_layers=2, latent_steps=2, cycles=2,
                        supervision_steps=2, max_position_embeddings=1024)
     return TRMForCausalLM(config).eval(), "random init (default TRMConfig, vocab 4096)"
+
+
+def compiled_generate(decoder: CompiledDecoder, prompt, new_tokens) -> torch.Tensor:
+    """timed_generate's decoding (greedy, exactly `new_tokens`, ACT off) with the compiled decoder."""
+    eos = decoder.model.generation_config.eos_token_id
+    at_least = LogitsProcessorList([MinNewTokensLengthLogitsProcessor(prompt.shape[1], new_tokens, eos)])
+    return decoder.generate(prompt, max_new_tokens=new_tokens, logits_processor=at_least, pad_token_id=0)
 
 
 def timed_generate(model, prompt, new_tokens, **kwargs) -> tuple[float, torch.Tensor]:
@@ -60,6 +70,7 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=8, help="rows of the batched ACT rows (0: skip)")
     parser.add_argument("--uncached_max", type=int, default=512, help="skip uncached runs longer than this")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of the cached and compiled decodings")
     add_results_flags(parser, "decode")
     args = parser.parse_args(argv)
     if args.threads:
@@ -73,10 +84,26 @@ def main(argv=None):
     prompt = torch.randint(2, cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
     timed_generate(model, prompt, 4)  # warm-up
 
+    # Compiled decoding: compiled once here (the first call), then timed against the dynamic cache, interleaved
+    # so that both see the same machine; the medians of --repeats runs each.
+    decoder = CompiledDecoder(model)
+    start = time.perf_counter()
+    compiled_generate(decoder, prompt, 4)
+    compile_seconds = time.perf_counter() - start
+
     rows = []
     for n in args.new_tokens:
-        cached_s, cached = timed_generate(model, prompt, n, use_cache=True, halt_threshold=0)
-        row = {"new_tokens": n, "cached_tokens_per_s": n / cached_s, "cached_seconds": cached_s}
+        timings = {"cached": [], "compiled": []}
+        for _ in range(args.repeats):
+            seconds, cached = timed_generate(model, prompt, n, use_cache=True, halt_threshold=0)
+            timings["cached"].append(seconds)
+            start = time.perf_counter()
+            compiled = compiled_generate(decoder, prompt, n)
+            timings["compiled"].append(time.perf_counter() - start)
+        cached_s, compiled_s = statistics.median(timings["cached"]), statistics.median(timings["compiled"])
+        row = {"new_tokens": n, "cached_tokens_per_s": n / cached_s, "cached_seconds": cached_s,
+               "compiled_tokens_per_s": n / compiled_s, "compiled_speedup": cached_s / compiled_s,
+               "compiled_identical": bool(torch.equal(compiled, cached)), "compile_seconds": compile_seconds}
         if n <= args.uncached_max:
             uncached_s, uncached = timed_generate(model, prompt, n, use_cache=False, halt_threshold=0)
             row.update(uncached_tokens_per_s=n / uncached_s, uncached_seconds=uncached_s,
@@ -125,11 +152,17 @@ def main(argv=None):
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = [f"# Decode benchmark ({source}; CPU, {result['threads']} threads, torch {torch.__version__})", "",
              "| new tokens | cached tok/s | uncached tok/s | speed-up | identical tokens | static cache tok/s "
-             "| static identical |", "|---|---|---|---|---|---|---|"]
+             "| static identical | compiled tok/s | compiled vs cached | compiled identical |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['new_tokens']} | {r['cached_tokens_per_s']:.1f} | "
                      f"{r.get('uncached_tokens_per_s', float('nan')):.1f} | {r.get('speedup', float('nan')):.1f}x | "
-                     f"{r.get('identical', '-')} | {r['static_tokens_per_s']:.1f} | {r['static_identical']} |")
+                     f"{r.get('identical', '-')} | {r['static_tokens_per_s']:.1f} | {r['static_identical']} "
+                     f"| {r['compiled_tokens_per_s']:.1f} | {r['compiled_speedup']:.2f}x | {r['compiled_identical']} |")
+    lines += ["", f"Compiled: `trm_lm.compiled.CompiledDecoder` (`--compile` in generate/generate.py), one "
+              f"torch.compile'd decoding step on a static cache of {decoder.max_length} positions; compiling took "
+              f"{compile_seconds:.1f} s once (not in the tok/s). Cached and compiled tok/s: medians of "
+              f"{args.repeats} interleaved runs; the other columns: one run."]
     lines += ["", f"ACT rule: {args.halt_criterion}", "",
               "| halt threshold | tok/s (cached) | mean supervision steps | net applications / token (max) |",
               "|---|---|---|---|"]

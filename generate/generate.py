@@ -56,6 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--share_step_cache", action="store_true",
                         help="TRM: the supervision steps share one step's KV cache slots: KV memory / N_sup, "
                              "not exact (benchmarks/results/kv_cache.md has its cost)")
+    parser.add_argument("--compile", action="store_true",
+                        help="TRM: decode with one torch.compile'd step on a static cache (compiles for 20-40 s "
+                             "first; pays off on long generations; needs --halt_threshold 0 when the model's "
+                             "config sets one; benchmarks/results/decode.md has its speed)")
     parser.add_argument("--stream", action="store_true", help="print the text as it is generated")
     parser.add_argument("--show_steps", action="store_true",
                         help="TRM: after the text, print the steps each token used and the top predictions per step")
@@ -80,7 +84,7 @@ def run(args: argparse.Namespace) -> None:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, num_return_sequences=args.num_return_sequences,
         halt_threshold=args.halt_threshold, supervision_steps=args.supervision_steps,
-        share_step_cache=args.share_step_cache, seed=args.seed,
+        share_step_cache=args.share_step_cache, seed=args.seed, compile=args.compile,
     )
     if args.show_steps and settings.num_return_sequences != 1:
         raise ValueError("--show_steps follows one sequence: use --num_return_sequences 1")

@@ -14,9 +14,9 @@ onnx (TRM): the cached decoding step, ACT off. Inputs: one token (1, 1), its pos
 and values of every virtual layer over a fixed window of W = max_position_embeddings - 1 past slots,
 (layers, 1, heads, W, head_dim), left-aligned so that the real entries are the last `position` slots;
 outputs: the next-token logits (1, vocab) and the window moved on by one slot (the oldest dropped, this token's
-appended), ready to feed back. Why a fixed window: TRMModel.recurse takes `int(cache.get_seq_length())`, which
-torch.export specializes to the example's length, so a growing cache cannot be exported as it is; static
-shapes are also what mobile and web runtimes want. `OnnxDecoder` runs it with numpy and onnxruntime only
+appended), ready to feed back. Why a fixed window: a growing cache's length would be a data-dependent size in
+the exported graph (torch.export specializes it to the example's length), and static shapes are what mobile and
+web runtimes want (trm_lm/compiled.py decodes on a static cache for the same reason). `OnnxDecoder` runs it with numpy and onnxruntime only
 (no torch: what an app on a device would ship), `onnx_greedy` decodes with it, and the export checks that its
 greedy tokens equal PyTorch's `generate()` before it returns.
 """

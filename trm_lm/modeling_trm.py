@@ -345,10 +345,17 @@ class TRMModel(TRMPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         x = inputs_embeds * self.embed_scale  # (B, T, D)
         B, T, _ = x.shape
-        past = int(cache.get_seq_length()) if cache is not None else 0
-        if past + T > cfg.max_position_embeddings:
-            raise ValueError(f"sequence length {past + T} exceeds max_position_embeddings="
-                             f"{cfg.max_position_embeddings}; truncate the prompt (keep its end)")
+        past = cache.get_seq_length() if cache is not None else 0
+        if torch.compiler.is_compiling():
+            # a StaticCache's length is a tensor there, and reading it is data-dependent: the compiled decoder
+            # (trm_lm/compiled.py) checks the length itself and passes the positions
+            if position_ids is None:
+                raise ValueError("a compiled forward needs position_ids")
+        else:
+            past = int(past)
+            if past + T > cfg.max_position_embeddings:
+                raise ValueError(f"sequence length {past + T} exceeds max_position_embeddings="
+                                 f"{cfg.max_position_embeddings}; truncate the prompt (keep its end)")
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=x.device).unsqueeze(0).expand(B, -1)
         if cfg.position_encoding == "learned":

@@ -148,6 +148,9 @@ class BatchedDecoder:
         self._set_aside: list[_Request] = []  # taken from the queue, waiting for a batch with their controls
         self._in_flight: list[_Request] = []  # being decoded: the ones an error in decoding must reach
         self._closed = self._closing = False
+        # held while a request is queued and while the ending thread fails what is queued, so that no request
+        # can be queued after that final sweep (its reader would wait forever)
+        self._queue_lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, name="trm-lm-batched-decoder", daemon=True)
         self._thread.start()
 
@@ -173,7 +176,10 @@ class BatchedDecoder:
         request = _Request(encoded=encoded, settings=settings, controls=controls,
                            streamer=TextIteratorStreamer(self.tokenizer, skip_prompt=False, **DECODE_KWARGS),
                            processors=kwargs["logits_processor"], trace_top_k=trace_top_k)
-        self._queue.put(request)
+        with self._queue_lock:
+            if self._closed:
+                raise RuntimeError("this BatchedDecoder is closed")
+            self._queue.put(request)
         return self._follow(request)
 
     def _follow(self, request: _Request):
@@ -193,8 +199,9 @@ class BatchedDecoder:
     def close(self, timeout: float | None = 10.0) -> None:
         """Stop the thread after the batch in progress (it takes no newcomers once it has seen the close);
         requests still waiting end with an error."""
-        self._closed = True
-        self._queue.put(_CLOSE)
+        with self._queue_lock:
+            self._closed = True
+            self._queue.put(_CLOSE)
         self._thread.join(timeout)
 
     # ----- the decoding thread -------------------------------------------------------------------------
@@ -245,13 +252,14 @@ class BatchedDecoder:
             ending = RuntimeError(f"the decoder stopped: {type(error).__name__}: {error}")
             logger.error("%s", ending, exc_info=error)
         finally:  # nobody waits forever: fail what is in flight or still waiting
-            self._closed = True
             waiting = self._in_flight + self._set_aside
-            while True:
-                try:
-                    waiting.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            with self._queue_lock:
+                self._closed = True
+                while True:
+                    try:
+                        waiting.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
             for request in waiting:
                 if request is not _CLOSE and not request.finished.is_set():
                     request.finish(ending)

@@ -1,6 +1,7 @@
 """app.py through its API endpoints (/generate, /solve_sudoku) with gradio_client, on 127.0.0.1, launched once for
 the module; the Puzzles tab's handler also in-process."""
 
+import contextlib
 import re
 import shutil
 
@@ -117,6 +118,22 @@ def test_a_rejected_input_logs_no_traceback_on_the_server(client, capfd):
     assert "Traceback" not in server.err + server.out
 
 
+def test_streams_share_an_update_budget_so_many_users_do_not_flood_the_server():
+    pacer = load_script("app.py").UpdatePacer(interval=0.1, per_second=40)
+    assert pacer.interval == 0.1
+    with contextlib.ExitStack() as streams:
+        for _ in range(4):
+            streams.enter_context(pacer.stream())
+        assert pacer.streams == 4 and pacer.interval == 0.1  # a few users: each at the full rate
+        for _ in range(12):
+            streams.enter_context(pacer.stream())
+        assert pacer.streams == 16 and pacer.interval == pytest.approx(0.4)  # 16 x 2.5 = 40 updates a second
+    assert pacer.streams == 0 and pacer.interval == 0.1
+    with pytest.raises(RuntimeError), pacer.stream():  # a stream that fails still ends
+        raise RuntimeError
+    assert pacer.streams == 0
+
+
 def test_newline_tokens_get_a_visible_chip():
     chip_text = load_script("app.py").chip_text
     assert chip_text("\n") == "↵\n" and chip_text(".\n\n") == ".↵\n↵\n" and chip_text(" the") == " the"
@@ -126,6 +143,9 @@ def test_main_refuses_a_missing_model(capsys, tmp_path):
     app_module = load_script("app.py")
     assert app_module.main(["--model", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err == f"error: model directory not found: {tmp_path / 'nope'}\n"
+    for bad in ("0", "-5", "nan"):
+        assert app_module.main(["--model", str(tmp_path / "nope"), "--stream_updates_per_second", bad]) == 2
+        assert capsys.readouterr().err == f"error: --stream_updates_per_second must be > 0, got {float(bad)}\n"
 
 
 # ---- the Puzzles tab -------------------------------------------------------------------------------------------

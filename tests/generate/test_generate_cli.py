@@ -16,9 +16,16 @@ from dataclasses import replace
 import pytest
 import torch
 from helpers import REPO_ROOT, run_cli
-from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel, set_seed
+from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel, TopPLogitsWarper, set_seed
 
-from trm_lm.generation import GenerationSettings, encode_prompt, generate_text, inspect_generation, stream_generate
+from trm_lm.generation import (
+    GenerationSettings,
+    NumpySortTopP,
+    encode_prompt,
+    generate_text,
+    inspect_generation,
+    stream_generate,
+)
 from trm_lm.inspection import format_trace_table
 
 PROMPT = "Once upon a time"
@@ -59,6 +66,20 @@ def test_stream_equals_non_stream_and_plain_generate(cli, capsys, tiny_model_dir
     # a different seed samples something else (the seed is really used)
     code, other, _ = run_cli(cli, capsys, *args[:-4], "--seed", 4, "--device", "cpu")
     assert code == 0 and other != plain
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.95, 0.999])
+def test_numpy_sorted_top_p_keeps_exactly_the_tokens_transformers_keeps(top_p):
+    generator = torch.Generator().manual_seed(int(top_p * 1000))
+    scores = torch.randn(16, 4096, generator=generator) * torch.linspace(0.5, 8.0, 16)[:, None]  # flat to peaked
+    scores[3, ::7] = -math.inf  # rows already cut by top-k
+    scores[5, :2000] = scores[5].min() - 1  # a large tie, all of it below the cut
+    for keep in (1, 3):
+        expected = TopPLogitsWarper(top_p, min_tokens_to_keep=keep)(None, scores.clone())
+        got = NumpySortTopP(top_p, min_tokens_to_keep=keep)(None, scores.clone())
+        assert torch.equal(got, expected)
+        assert torch.isfinite(got).sum(-1).min() >= keep
+    assert torch.equal(NumpySortTopP(top_p)(None, scores.double()), TopPLogitsWarper(top_p)(None, scores.double()))
 
 
 def test_each_generation_samples_with_its_own_generator(model_and_tokenizer):

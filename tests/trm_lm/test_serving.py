@@ -7,6 +7,7 @@ import torch
 from transformers import GenerationConfig
 
 from trm_lm.generation import GenerationSettings, generate_text
+from trm_lm import serving
 from trm_lm.serving import BatchedDecoder
 
 # different lengths, so that the batch is left-padded and every row's positions start at its own first token
@@ -222,6 +223,33 @@ def test_a_dead_decoding_thread_fails_its_readers_instead_of_leaving_them_waitin
     assert outcome["error"] == "the decoder stopped: RuntimeError: a bug in the scheduler"
     with pytest.raises(RuntimeError, match="closed"):  # and the decoder says it is closed
         decoder.submit(PROMPTS[0], GenerationSettings(max_new_tokens=4))
+
+
+def test_a_request_queued_while_the_decoder_ends_is_failed_not_left_waiting(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    decoder = BatchedDecoder(model, tokenizer, gather_seconds=0.0)
+    queue_put = decoder._queue.put
+
+    def put_as_the_thread_ends(item, *args, **kwargs):  # submit has checked that the decoder is open ...
+        queue_put(serving._CLOSE)  # ... and the thread ends before the request is queued
+        decoder._thread.join(1.0)  # (without the queue lock it has swept the queue for the last time by now)
+        queue_put(item, *args, **kwargs)
+
+    decoder._queue.put = put_as_the_thread_ends
+    outcome = {}
+
+    def read():
+        try:
+            drain(decoder.submit(PROMPTS[0], GenerationSettings(max_new_tokens=4, temperature=0.0)))
+            outcome["error"] = None
+        except RuntimeError as error:
+            outcome["error"] = str(error)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    reader.join(30)
+    assert not reader.is_alive(), "the request was queued after the last sweep and left waiting"
+    assert outcome["error"] == "the decoder was closed before this request ran"
 
 
 def test_many_threads_submitting_at_once_are_batched(model_and_tokenizer):
