@@ -50,11 +50,12 @@ class CompiledDecoder:
                              f"got {max_length!r}")
         self.model, self.max_length = model, max_length
         self._lock = threading.Lock()  # the caches are shared state: one generation at a time
-        self._caches: dict[tuple[int, int], StaticCache] = {}  # (batch size, supervision steps) -> its cache
+        self._caches: dict[tuple, StaticCache] = {}  # (batch size, steps, device, dtype) -> its cache
         self._step = torch.compile(self._eager_step, fullgraph=True, dynamic=False, mode=mode)
 
     def _cache(self, batch_size: int, steps: int) -> StaticCache:
-        key = (batch_size, steps)
+        # the device and dtype too: a cache takes them from its first keys, and the model may move or be cast
+        key = (batch_size, steps, self.model.device, self.model.dtype)
         if key not in self._caches:
             config = self.model.config
             # one slot per virtual layer (num_hidden_layers, derived from the steps): test-time depth gets its own

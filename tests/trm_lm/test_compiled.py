@@ -50,7 +50,7 @@ def test_greedy_tokens_equal_generate_on_the_dynamic_cache_in_one_graph_for_ever
     positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
     reference = model(sequences, attention_mask=full_mask, position_ids=positions, use_cache=False,
                       halt_threshold=0).logits[:, -1]
-    cache = decoder._caches[(2, model.config.supervision_steps)]
+    cache = decoder._caches[(2, model.config.supervision_steps, model.device, model.dtype)]
     step = decoder._step(sequences[:, -1:], positions[:, -1:],
                          torch.cat([full_mask, torch.ones(2, decoder.max_length - full_mask.shape[1],
                                                           dtype=mask.dtype)], 1), cache,
@@ -104,7 +104,8 @@ def test_test_time_depth_compiles_its_own_graph_with_the_extra_cache_slots(model
     got = decoder.generate(input_ids, mask, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id,
                            supervision_steps=deeper)
     assert torch.equal(got, expected)
-    assert len(decoder._caches[(2, deeper)].layers) == deeper * model.model.core.layers_per_step
+    assert len(decoder._caches[(2, deeper, model.device, model.dtype)].layers) == \
+        deeper * model.model.core.layers_per_step
 
 
 def test_what_cannot_be_compiled_is_refused_with_the_reason(model_and_tokenizer, decoder):
