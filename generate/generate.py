@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="TRM: the supervision steps share one step's KV cache slots: KV memory / N_sup, "
                              "not exact (benchmarks/results/kv_cache.md has its cost)")
     parser.add_argument("--compile", action="store_true",
-                        help="TRM: decode with one torch.compile'd step on a static cache (compiles for 20-40 s "
+                        help="TRM: decode with one torch.compile'd step on a static cache (compiles for 10-20 s "
                              "first; pays off on long generations; needs --halt_threshold 0 when the model's "
                              "config sets one; benchmarks/results/decode.md has its speed)")
     parser.add_argument("--stream", action="store_true", help="print the text as it is generated")
