@@ -49,7 +49,8 @@ PREDICTIONS_PER_STEP = 3
 CONCURRENCY = 16  # requests served at once (gradio worker threads), all decoded in one batch
 # Story updates while streaming: every update is an event through gradio's queue and the client's connection,
 # which with many users costs more CPU than the decoding itself (16 users on 2 cores, 64 tokens each: p95
-# latency 4.1 s at 10 updates a second each, 3.2 s at 40 a second in all, 2.7 s at 16; benchmarks/app_load.py).
+# latency 4.1 s at 10 updates a second each, 3.2 s at 40 a second in all, 2.7 s at 16: one run each of
+# benchmarks/app_load.py).
 # One user gets 10 a second (still reads as streaming); all users together at most --stream_updates_per_second.
 STREAM_INTERVAL = 0.1
 STREAM_UPDATES_PER_SECOND = 20

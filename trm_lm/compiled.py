@@ -117,8 +117,8 @@ class CompiledDecoder:
                   max_new_tokens, halt_threshold, supervision_steps, share_step_cache, pad_token_id):
         model = self.model
         config = generation_config or GenerationConfig()
-        new_tokens = max_new_tokens or config.max_new_tokens
-        if not isinstance(new_tokens, int) or new_tokens < 1:
+        new_tokens = max_new_tokens if max_new_tokens is not None else config.max_new_tokens
+        if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {new_tokens!r}")
         if resolve_halt_threshold(halt_threshold, model.config, training=False) is not None:
             raise ValueError("compiled decoding runs every supervision step: per-token early exit (halt_threshold) "
@@ -181,7 +181,7 @@ _DECODER_LOCK = threading.Lock()
 
 def compiled_decoder(model) -> CompiledDecoder:
     """`model`'s CompiledDecoder, made on first use and kept on the model (so it lives and dies with it), so that
-    every generation with compile=True (CLI, library, app) reuses one compiled graph."""
+    every generation with compile=True (generate_text, stream_generate, --compile) reuses its compiled graphs."""
     with _DECODER_LOCK:
         decoder = model.__dict__.get("_trm_compiled_decoder")
         if decoder is None:

@@ -153,6 +153,9 @@ def test_what_cannot_be_compiled_is_refused_with_the_reason(model_and_tokenizer,
         decoder.generate(input_ids, mask, max_new_tokens=4, share_step_cache=True)
     with pytest.raises(ValueError, match="must fit the compiled cache"):
         decoder.generate(input_ids, mask, max_new_tokens=decoder.max_length)
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+            decoder.generate(input_ids, mask, max_new_tokens=bad)
     with pytest.raises(ValueError, match="max_length"):
         CompiledDecoder(model, max_length=model.config.max_position_embeddings + 1)
     for settings in (dict(halt_threshold=0.5), dict(halt_threshold=0, share_step_cache=True)):
