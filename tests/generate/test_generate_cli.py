@@ -55,6 +55,9 @@ def test_stream_equals_non_stream_and_plain_generate(cli, capsys, tiny_model_dir
     code, streamed, err = run_cli(cli, capsys, *args, "--stream")
     assert code == 0, err
     assert streamed == plain
+    code, compiled, err = run_cli(cli, capsys, *args, "--stream", "--compile")  # one torch.compile'd step
+    assert code == 0, err
+    assert compiled == plain
     # ... and both are what model.generate samples with the same seed, written here independently
     model, tokenizer = model_and_tokenizer
     ids = prompt_ids(tokenizer)
