@@ -232,7 +232,7 @@ def build_demo(model, tokenizer, *, max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP
                        queue=False)
         with gr.Tab("Puzzles", id="puzzles"):
             puzzle_tab(puzzle_solver, puzzle_note, puzzle_step_delay)
-    demo.decoder, demo.pacer = decoder, pacer
+    demo.decoder = decoder
     return demo
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import nullcontext
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -34,6 +35,17 @@ from transformers import GenerationConfig, LogitsProcessorList, StaticCache, Sto
 from .modeling_trm import CACHE_FIELD, resolve_halt_threshold
 
 logger = logging.getLogger(__name__)
+
+
+def check_compilable(model, halt_threshold=None, share_step_cache: bool = False) -> None:
+    """Refuse, with the reason, the TRM controls a compiled step cannot run (both are data-dependent)."""
+    if resolve_halt_threshold(halt_threshold, model.config, training=False) is not None:
+        raise ValueError("compile runs every supervision step: per-token early exit (halt_threshold) is "
+                         "data-dependent and cannot be one compiled graph; pass halt_threshold=0 or decode without "
+                         "compiling")
+    if share_step_cache:
+        raise ValueError("compile runs every supervision step with one cache slot per virtual layer: "
+                         "share_step_cache needs the uncompiled decoding")
 
 
 class CompiledDecoder:
@@ -86,17 +98,13 @@ class CompiledDecoder:
         cache.reset()
         return cache
 
-    def _forward(self, input_ids, position_ids, attention_mask, cache, steps):
-        out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                         use_cache=True, logits_to_keep=1, halt_threshold=0, supervision_steps=steps,
-                         **{CACHE_FIELD: cache})
-        return out.logits[:, -1].float()  # (B, V)
-
     def _eager_step(self, input_ids, position_ids, attention_mask, cache, steps):
-        if input_ids.device.type == "cpu":
-            with sdpa_kernel(SDPBackend.MATH):  # fused by inductor; the flash kernel's set-up dominates here
-                return self._forward(input_ids, position_ids, attention_mask, cache, steps)
-        return self._forward(input_ids, position_ids, attention_mask, cache, steps)
+        # on CPU the math kernel, fused by inductor: the flash kernel's set-up dominates for one query
+        with sdpa_kernel(SDPBackend.MATH) if input_ids.device.type == "cpu" else nullcontext():
+            out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                             use_cache=True, logits_to_keep=1, halt_threshold=0, supervision_steps=steps,
+                             **{CACHE_FIELD: cache})
+        return out.logits[:, -1].float()  # (B, V)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, *,
@@ -120,13 +128,7 @@ class CompiledDecoder:
         new_tokens = max_new_tokens if max_new_tokens is not None else config.max_new_tokens
         if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {new_tokens!r}")
-        if resolve_halt_threshold(halt_threshold, model.config, training=False) is not None:
-            raise ValueError("compiled decoding runs every supervision step: per-token early exit (halt_threshold) "
-                             "is data-dependent and cannot be one compiled graph; pass halt_threshold=0 or decode "
-                             "without compiling")
-        if share_step_cache:
-            raise ValueError("compiled decoding keeps one cache slot per virtual layer: share_step_cache needs "
-                             "the uncompiled decoding")
+        check_compilable(model, halt_threshold, share_step_cache)
         if model.training:
             raise ValueError("compiled decoding is for inference: call model.eval() first")
         steps = model.config.supervision_steps if supervision_steps is None else supervision_steps
@@ -189,4 +191,4 @@ def compiled_decoder(model) -> CompiledDecoder:
         return decoder
 
 
-__all__ = ["CompiledDecoder", "compiled_decoder"]
+__all__ = ["CompiledDecoder", "compiled_decoder", "check_compilable"]

@@ -58,8 +58,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from .compiled import compiled_decoder
-from .modeling_trm import TokenTrace, resolve_halt_threshold
+from .compiled import check_compilable, compiled_decoder
+from .modeling_trm import TokenTrace
 
 logger = logging.getLogger(__name__)
 
@@ -489,11 +489,8 @@ def generate_kwargs(model, tokenizer, settings: GenerationSettings) -> dict:
     if settings.share_step_cache:
         kwargs["share_step_cache"] = True
     if settings.compile:
+        check_compilable(model, settings.halt_threshold, settings.share_step_cache)  # now, not in the thread
         kwargs["compile"] = True
-        if settings.share_step_cache or resolve_halt_threshold(settings.halt_threshold, model.config, False):
-            raise ValueError("compile runs every supervision step with one cache slot per virtual layer: set "
-                             "halt_threshold to 0 and leave share_step_cache off (early exit and shared slots "
-                             "are data-dependent and run uncompiled)")
     return kwargs
 
 

@@ -200,6 +200,25 @@ def test_an_error_in_decoding_reaches_every_reader_and_the_thread_goes_on(model_
         decoder.close()
 
 
+def error_of_one_reader(decoder) -> str | None:
+    """Submit one greedy request and read it in a thread; its RuntimeError's message (None: it finished).
+    Fails if the reader is still waiting after 30 s."""
+    outcome = {}
+
+    def read():
+        try:
+            drain(decoder.submit(PROMPTS[0], GenerationSettings(max_new_tokens=4, temperature=0.0)))
+            outcome["error"] = None
+        except RuntimeError as error:
+            outcome["error"] = str(error)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    reader.join(30)
+    assert not reader.is_alive(), "the reader was left waiting"
+    return outcome["error"]
+
+
 def test_a_dead_decoding_thread_fails_its_readers_instead_of_leaving_them_waiting(model_and_tokenizer, monkeypatch):
     model, tokenizer = model_and_tokenizer
     decoder = BatchedDecoder(model, tokenizer, gather_seconds=0.0)
@@ -208,19 +227,7 @@ def test_a_dead_decoding_thread_fails_its_readers_instead_of_leaving_them_waitin
         raise RuntimeError("a bug in the scheduler")
 
     monkeypatch.setattr(decoder, "_take", broken_take)
-    outcome = {}
-
-    def read():
-        try:
-            drain(decoder.submit(PROMPTS[0], GenerationSettings(max_new_tokens=4, temperature=0.0)))
-        except RuntimeError as error:
-            outcome["error"] = str(error)
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    reader.join(30)
-    assert not reader.is_alive(), "the reader was left waiting"
-    assert outcome["error"] == "the decoder stopped: RuntimeError: a bug in the scheduler"
+    assert error_of_one_reader(decoder) == "the decoder stopped: RuntimeError: a bug in the scheduler"
     with pytest.raises(RuntimeError, match="closed"):  # and the decoder says it is closed
         decoder.submit(PROMPTS[0], GenerationSettings(max_new_tokens=4))
 
@@ -236,20 +243,7 @@ def test_a_request_queued_while_the_decoder_ends_is_failed_not_left_waiting(mode
         queue_put(item, *args, **kwargs)
 
     decoder._queue.put = put_as_the_thread_ends
-    outcome = {}
-
-    def read():
-        try:
-            drain(decoder.submit(PROMPTS[0], GenerationSettings(max_new_tokens=4, temperature=0.0)))
-            outcome["error"] = None
-        except RuntimeError as error:
-            outcome["error"] = str(error)
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    reader.join(30)
-    assert not reader.is_alive(), "the request was queued after the last sweep and left waiting"
-    assert outcome["error"] == "the decoder was closed before this request ran"
+    assert error_of_one_reader(decoder) == "the decoder was closed before this request ran"
 
 
 def test_many_threads_submitting_at_once_are_batched(model_and_tokenizer):
