@@ -39,14 +39,15 @@ TINY_VOCAB_SIZE = 300
 TINY_CONTEXT = 128  # small, so that prompt truncation is easy to trigger in tests
 
 
-def build_tiny_model(path: Path, seed: int = 0) -> Path:
-    """Train the tokenizer, build a random tiny TRM, and `save_pretrained` both into `path`."""
+def build_tiny_model(path: Path, seed: int = 0, **config_overrides) -> Path:
+    """Train the tokenizer, build a random tiny TRM (TRMConfig fields in `config_overrides` change it), and
+    `save_pretrained` both into `path`."""
     tokenizer = train_bpe_tokenizer(TOKENIZER_TEXT, vocab_size=TINY_VOCAB_SIZE)
     tokenizer.model_max_length = TINY_CONTEXT
     config = TRMConfig(
         vocab_size=len(tokenizer), hidden_size=32, num_attention_heads=2, net_layers=1, latent_steps=1, cycles=2,
         supervision_steps=2, max_position_embeddings=TINY_CONTEXT, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **config_overrides,
     )
     torch.manual_seed(seed)
     model = TRMForCausalLM(config).eval()

@@ -12,7 +12,8 @@ the final step, i.e. exactly what generation uses.
 Inference: `halt_threshold` (argument or config) turns on per-token exit: after each step, positions
 whose P(halt) >= threshold freeze (see core.py for the KV copy-forward). `halt_criterion="entropy"|"kl"`
 swaps the trained head for a training-free rule (next-token entropy, or KL between successive steps).
-`generate()` works with the stock DynamicCache, one slot per virtual layer (config.num_hidden_layers of them).
+`generate()` works with the stock DynamicCache, one slot per virtual layer (config.num_hidden_layers of them;
+with config.step_context="first_step" only the first step's, which the later steps read: see core.py).
 
 Relative imports only: this file and its siblings are copied next to saved weights as remote code.
 """
@@ -196,7 +197,10 @@ def attention_weights(attention: SelfAttention, hidden, rotary, attention_mask, 
     """softmax(q k^T / sqrt(d) + mask) of one attention call: (B, heads, T, keys)."""
     T = hidden.shape[1]
     q, k, _ = attention.project(hidden, rotary)
-    if cache is not None:  # after this call's update: past + this chunk (copied-forward included)
+    if isinstance(cache, RecursionCache) and cache.reads_context(layer_idx):
+        k = torch.cat([cache.context(layer_idx)[0], k], dim=2)  # the context, then its own
+        attention_mask = cache.attention_mask(attention_mask, layer_idx, T, k.shape[2])
+    elif cache is not None:  # after this call's update: past + this chunk (copied-forward included)
         k = cache.layers[cache.slot(layer_idx) if isinstance(cache, RecursionCache) else layer_idx].keys
     scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(attention.head_dim)  # (B, nh, T, K)
     if attention_mask is not None:
@@ -333,8 +337,9 @@ class TRMModel(TRMPreTrainedModel):
             raise ValueError(f"supervision_steps must be a positive integer, got {supervision_steps!r}")
         if share_step_cache and self.training:
             raise ValueError("share_step_cache is an inference-time setting (it overwrites cache entries in place)")
-        if cache is not None and not share_step_cache:  # test-time depth: more steps than trained get extra slots
-            _ensure_cache_slots(cache, steps * self.core.layers_per_step)
+        first_step_context = cfg.step_context == "first_step"
+        if cache is not None and not (share_step_cache or first_step_context):
+            _ensure_cache_slots(cache, steps * self.core.layers_per_step)  # test-time depth: extra slots
         if inputs_embeds is None:
             # On CPU the range check is free and turns an opaque IndexError into a clear message; on an
             # accelerator it would sync every decoding step, and under torch.compile/export it is data-dependent.
@@ -365,7 +370,10 @@ class TRMModel(TRMPreTrainedModel):
         mask = create_causal_mask(config=cfg, inputs_embeds=x, attention_mask=attention_mask,
                                   position_ids=position_ids, **{_MASK_CACHE_KWARG: cache})
 
-        slots = RecursionCache(cache, self.core.layers_per_step, past, share_step_cache) if cache is not None else None
+        if cache is None and first_step_context:  # the later steps read the first step's keys/values from it
+            cache = DynamicCache(config=cfg)
+        slots = (RecursionCache(cache, self.core.layers_per_step, past, share_step_cache, first_step_context)
+                 if cache is not None else None)
         y, z = self.core.initial_state(B, T, x.dtype)
         halted = None  # (B, T) bool once ACT froze something
         steps_used = torch.zeros(B, T, dtype=torch.long, device=x.device)

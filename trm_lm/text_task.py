@@ -78,6 +78,10 @@ class ModelArguments:
     rope_theta: float | None = None
     embedding_dropout: float | None = None
     max_position_embeddings: int | None = field(default=None, metadata={"help": "Default: --block_size."})
+    step_context: Literal["every_step", "first_step"] | None = field(
+        default=None, metadata={"help": "What later supervision steps attend to of earlier tokens: the same step "
+                                        "(every_step, official) or their first step (first_step: a KV cache of "
+                                        "one step, N_sup times smaller, still exact)."})
     init_from: str | None = field(
         default=None,
         metadata={"help": "TRM folder to start from (its weights; give its tokenizer with --tokenizer_name). The "

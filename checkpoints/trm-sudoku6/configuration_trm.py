@@ -10,7 +10,8 @@ Paper names -> config fields:
 One supervision step applies the network T * (n + 1) times; a token that runs every step goes through
 `net_applications = supervision_steps * cycles * (latent_steps + 1)` network applications, i.e.
 `net_applications * net_layers` virtual layers. Every virtual layer owns a KV-cache slot, which is why
-`num_hidden_layers` (what `generate()` sizes its cache with) is derived, never set by hand.
+`num_hidden_layers` (what `generate()` sizes its cache with) is derived, never set by hand (with
+step_context="first_step" only the first step's virtual layers keep keys/values: N_sup times fewer).
 """
 
 import math
@@ -21,6 +22,7 @@ _NORM_POSITIONS = ("post", "pre")
 _INJECTIONS = ("add", "concat")
 _MIXERS = ("attention", "mlp")
 _POSITION_ENCODINGS = ("rope", "learned", "none")
+_STEP_CONTEXTS = ("every_step", "first_step")
 
 
 class TRMConfig(PreTrainedConfig):
@@ -55,7 +57,13 @@ class TRMConfig(PreTrainedConfig):
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
-    num_hidden_layers: int | None = None  # derived: KV-cache slots = virtual layers
+    # What a supervision step's attention reads of the earlier tokens. "every_step" (official, exact): the same
+    # step of theirs, so the KV cache keeps every virtual layer. "first_step": after the first step, their
+    # first-step keys/values (plus the token's own current ones), so the cache keeps one step's virtual layers
+    # (KV memory / N_sup) and is still exact, because the model is trained that way; test-time depth and
+    # early exit then need no extra slots or copies.
+    step_context: str = "every_step"
+    num_hidden_layers: int | None = None  # derived: KV-cache slots = virtual layers that keep keys/values
 
     def __post_init__(self, **kwargs):
         self._validate()
@@ -63,7 +71,7 @@ class TRMConfig(PreTrainedConfig):
             self.intermediate_size = _round_up(int(4 * self.hidden_size * 2 / 3), 64)
         if self.mixer == "mlp" and self.sequence_mlp_size is None:
             self.sequence_mlp_size = _round_up(round(4 * self.sequence_length * 2 / 3), 256)  # official layers.py
-        self.num_hidden_layers = self.net_applications * self.net_layers
+        self.num_hidden_layers = self.cached_applications * self.net_layers
         super().__post_init__(**kwargs)
 
     @property
@@ -74,6 +82,12 @@ class TRMConfig(PreTrainedConfig):
     def net_applications(self) -> int:
         """Applications of the tiny network per token when every supervision step runs."""
         return self.supervision_steps * self.cycles * (self.latent_steps + 1)
+
+    @property
+    def cached_applications(self) -> int:
+        """Network applications whose keys/values the KV cache keeps for later tokens (see step_context)."""
+        per_step = self.cycles * (self.latent_steps + 1)
+        return per_step if self.step_context == "first_step" else self.supervision_steps * per_step
 
     def _validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_attention_heads", "net_layers", "latent_steps", "cycles",
@@ -91,7 +105,8 @@ class TRMConfig(PreTrainedConfig):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"TRMConfig.{name} must be a positive integer or None, got {value!r}")
         for name, allowed in (("norm_position", _NORM_POSITIONS), ("input_injection", _INJECTIONS),
-                              ("mixer", _MIXERS), ("position_encoding", _POSITION_ENCODINGS)):
+                              ("mixer", _MIXERS), ("position_encoding", _POSITION_ENCODINGS),
+                              ("step_context", _STEP_CONTEXTS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TRMConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.mixer == "mlp":
@@ -100,6 +115,9 @@ class TRMConfig(PreTrainedConfig):
                                  "use mixer='attention' for language modelling")
             if not isinstance(self.sequence_length, int) or self.sequence_length < 1:
                 raise ValueError("mixer='mlp' needs a fixed sequence_length (a positive integer)")
+        if self.step_context == "first_step" and not (self.causal and self.mixer == "attention"):
+            raise ValueError("step_context='first_step' is a KV-cache setting for causal attention "
+                             "(causal=True, mixer='attention')")
         halt = self.halt_threshold
         if halt is not None and not (_is_number(halt) and 0.0 <= halt <= 1.0):
             raise ValueError(f"TRMConfig.halt_threshold must be in (0, 1], or 0 / None = off, got {self.halt_threshold!r}")

@@ -116,12 +116,15 @@ class SelfAttention(nn.Module):
     def forward(self, hidden, rotary, attention_mask, cache, layer_idx):
         B, T, C = hidden.shape
         q, k, v = self.project(hidden, rotary)
-        if cache is not None:
-            k, v = cache.update(k, v, layer_idx)  # (B, nh, past + T, hd); a StaticCache: (B, nh, max_len, hd)
-        # No mask is only passed where upper-left causal alignment is right: no past (an empty cache, static
-        # or dynamic), or keys == queries; a single query attends to every key it is given.
-        is_causal = self.causal and attention_mask is None and T > 1
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=is_causal)
+        if isinstance(cache, RecursionCache) and cache.reads_context(layer_idx):
+            out = cache.attend_with_context(q, k, v, layer_idx, attention_mask)
+        else:
+            if cache is not None:
+                k, v = cache.update(k, v, layer_idx)  # (B, nh, past + T, hd); a StaticCache: (B, nh, max_len, hd)
+            # No mask is only passed where upper-left causal alignment is right: no past (an empty cache, static
+            # or dynamic), or keys == queries; a single query attends to every key it is given.
+            is_causal = self.causal and attention_mask is None and T > 1
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=is_causal)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, C))
 
 
@@ -186,11 +189,23 @@ class RecursionCache:
     at the last step it computed (Ouro/Huginn style: KV memory / N_sup, not exact; a halted token is
     simply not overwritten). A wrapper rather than a Cache subclass: generate(), users and the batched
     server create the cache.
+
+    `first_step_context=True` (a model trained with step_context="first_step"): the cache holds the first
+    step's slots only. A later step's attention reads the earlier tokens' first-step keys/values (the
+    token's own first-step entry included, as in the first step) followed by the chunk's own current ones,
+    which only their own query sees (`attend_with_context`); nothing is written after the first step. Exact, as the model computes
+    the same in training; halted tokens need no copy-forward and deeper runs no extra slots.
     """
 
-    def __init__(self, cache, layers_per_step: int, past: int, shared: bool = False):
+    def __init__(self, cache, layers_per_step: int, past: int, shared: bool = False,
+                 first_step_context: bool = False):
+        if shared and first_step_context:
+            raise ValueError("share_step_cache is for models trained with step_context='every_step'; this model's "
+                             "cache already holds one step's keys/values")
         self.cache, self.layers_per_step, self.past, self.shared = cache, layers_per_step, past, shared
+        self.first_step_context = first_step_context
         self.frozen, self.rows, self.partial = None, None, False
+        self._masks = (None, None)  # (the mask it was built from, the later steps' mask)
 
     @property
     def layers(self):
@@ -230,10 +245,64 @@ class RecursionCache:
             keys, values = self.cache.update(k, v, self.slot(layer_idx))
         return take_rows(keys, self.rows), take_rows(values, self.rows)
 
+    # ----- first-step context ----------------------------------------------------------------------------
+    def reads_context(self, layer_idx: int) -> bool:
+        """Whether this virtual layer attends to the first step's keys/values instead of writing its own."""
+        return self.first_step_context and layer_idx >= self.layers_per_step
+
+    def context(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first-step keys/values a later virtual layer reads, of the computing rows: (rows, nh, keys, hd)."""
+        layer = self.cache.layers[layer_idx % self.layers_per_step]
+        return take_rows(layer.keys, self.rows), take_rows(layer.values, self.rows)
+
+    def attend_with_context(self, q, k, v, layer_idx: int, mask) -> torch.Tensor:
+        """Attention of a later step: over the context (masked as the first step's), then each query's own k, v.
+
+        q, k, v: (rows, nh, T, hd) of this layer; mask as SelfAttention gets it. Returns (rows, nh, T, hd)."""
+        context_k, context_v = self.context(layer_idx)
+        queries = q.shape[2]
+        full_mask = self.attention_mask(mask, layer_idx, queries, context_k.shape[2] + queries)
+        if queries > 1:
+            return F.scaled_dot_product_attention(q, torch.cat([context_k, k], dim=2), torch.cat([context_v, v], dim=2),
+                                                  attn_mask=full_mask)
+        # one query (decoding): the softmax over (context, own key) in two parts, so the context is not copied
+        scale = q.shape[-1] ** -0.5
+        context_scores = (q @ context_k.transpose(-1, -2)) * scale  # (rows, nh, 1, keys)
+        context_scores = context_scores.masked_fill(~full_mask[..., :-1], float("-inf"))
+        own_score = (q * k).sum(-1, keepdim=True) * scale  # (rows, nh, 1, 1)
+        weights = torch.softmax(torch.cat([context_scores, own_score], dim=-1).float(), dim=-1).to(q.dtype)
+        return weights[..., :-1] @ context_v + weights[..., -1:] * v
+
+    def attention_mask(self, mask, layer_idx: int, queries: int, keys: int):
+        """The mask of a later step with first-step context over (context keys, the chunk's own keys): the
+        context masked as the first step's, each query's own key only for itself (`mask` itself elsewhere).
+
+        mask: None (upper-left causal for several queries, everything for one; see SelfAttention) or bool
+        (B or 1, 1, T, context keys). Returns bool (B or 1, 1, T, context keys + T)."""
+        if not self.reads_context(layer_idx):
+            return mask
+        source, built = self._masks
+        if built is not None and source is mask:
+            return built
+        context = keys - queries
+        if mask is None:
+            device = self.cache.layers[0].keys.device
+            allowed = torch.ones(queries, context, dtype=torch.bool, device=device)
+            context_mask = (allowed.tril() if queries > 1 else allowed)[None, None]
+        elif mask.dtype == torch.bool:
+            context_mask = mask
+        else:
+            raise ValueError(f"first-step context needs a boolean attention mask (sdpa), got {mask.dtype}")
+        own = torch.eye(queries, dtype=torch.bool, device=context_mask.device)[None, None]
+        own = own.expand(context_mask.shape[0], 1, queries, queries)
+        built = torch.cat([context_mask, own], dim=-1)
+        self._masks = (mask, built)
+        return built
+
     def copy_forward(self, step: int, length: int) -> None:
         """Every position of the chunk has halted: fill this step's slots without running the network."""
-        if self.shared:
-            return  # the shared slots already hold each position's last computed step
+        if self.shared or self.first_step_context:
+            return  # the shared slots already hold each position's last computed step; first-step: nothing to fill
         first = step * self.layers_per_step
         for idx in range(first, first + self.layers_per_step):
             self.cache.update(*self.chunk(idx - self.layers_per_step, length), idx)

@@ -267,9 +267,14 @@ def test_act_incremental_decoding_matches_full_sequence_reference(overrides):
     Reference: one uncached forward over the whole sequence. Under test: token-by-token with the cache,
     where a halted single token skips the network entirely and only copies K/V.
     """
-    model = tiny_model(**overrides)
+    assert_act_decoding_matches_the_full_sequence(tiny_model(**overrides))
+
+
+def assert_act_decoding_matches_the_full_sequence(model, length=40):
+    """Token by token through the cache at halt threshold 0.5 (a halted token skips the network) against one
+    uncached forward: the same steps per token and the same logits. Returns the cache."""
     make_halting_mixed(model)
-    ids = torch.randint(1, 61, (1, 40))
+    ids = torch.randint(1, 61, (1, length))
     with torch.no_grad():
         reference = model(ids, use_cache=False, halt_threshold=0.5)
         cache = DynamicCache(config=model.config)
@@ -279,9 +284,10 @@ def test_act_incremental_decoding_matches_full_sequence_reference(overrides):
             pieces.append(out.logits)
             steps.append(out.steps_used)
     used = reference.steps_used
-    assert used.min() < overrides["supervision_steps"] and used.max() > 1  # halting really is mixed
+    assert used.min() < model.config.supervision_steps and used.max() > 1  # halting really is mixed
     assert torch.equal(torch.cat(steps, 1), used)
     torch.testing.assert_close(torch.cat(pieces, 1), reference.logits, rtol=1e-4, atol=1e-4)
+    return cache
 
 
 def test_act_generation_cached_equals_uncached_and_halted_state_is_frozen():
