@@ -141,9 +141,11 @@ def main(argv=None):
     lines = [f"# KV cache of one supervision step: shared slots vs first-step context (first {len(documents)} "
              f"stories of {Path(args.validation_file).name} scored token by token through the cache; CPU, "
              f"{result['threads']} threads)", "",
-             f"Reference (1/1.0, +0.00%, 1.00x): the exact cache of `{reference_model}` at the same halt threshold.", "",
+             f"Reference (1/1.0, +0.00%, 1.00x): the exact cache of `{reference_model}` at the same halt "
+             "threshold.", "",
              "| model | halt threshold | cache | bits/byte (cached decode) | vs reference | full forward | KiB / token "
-             f"| KV memory | tok/s ({args.new_tokens} new, median of {args.repeats}) | speed |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"| KV memory | tok/s ({args.new_tokens} new, median of {args.repeats}) | speed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| `{r['model']}` | {r['halt_threshold'] if r['halt_threshold'] is not None else 'off'} | "
                      f"{cache_kind(r)} | {r['cached_bits_per_byte']:.4f} | {100 * r['bits_per_byte_change']:+.2f}% | "

@@ -193,8 +193,9 @@ class RecursionCache:
     `first_step_context=True` (a model trained with step_context="first_step"): the cache holds the first
     step's slots only. A later step's attention reads the earlier tokens' first-step keys/values (the
     token's own first-step entry included, as in the first step) followed by the chunk's own current ones,
-    which only their own query sees (`attend_with_context`); nothing is written after the first step. Exact, as the model computes
-    the same in training; halted tokens need no copy-forward and deeper runs no extra slots.
+    which only their own query sees (`attend_with_context`); nothing is written after the first step.
+    Exact, as the model computes the same in training; halted tokens need no copy-forward and deeper runs
+    no extra slots.
     """
 
     def __init__(self, cache, layers_per_step: int, past: int, shared: bool = False,
