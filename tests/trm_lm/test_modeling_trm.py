@@ -628,20 +628,25 @@ def test_from_pretrained_with_state_dict_and_no_path():
     assert torch.equal(again(ids).logits, model(ids).logits)
 
 
+def assert_twice_the_trained_depth_is_cached_exactly(model):
+    """Greedy decoding at twice the trained supervision steps, ACT off and at 0.5: cached = uncached.
+    Returns the cached forward outputs of a prompt at that depth and at the trained one."""
+    make_halting_mixed(model)
+    prompt = torch.randint(1, 61, (1, 5))
+    depth = 2 * model.config.supervision_steps
+    for halt_threshold in (None, 0.5):
+        kwargs = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, supervision_steps=depth,
+                      halt_threshold=halt_threshold, pad_token_id=0)
+        assert torch.equal(model.generate(prompt, use_cache=True, **kwargs),
+                           model.generate(prompt, use_cache=False, **kwargs))
+    with torch.no_grad():
+        return model(prompt, supervision_steps=depth, use_cache=True), model(prompt, use_cache=True)
+
+
 def test_test_time_depth_beyond_the_trained_steps_is_cached_exactly():
     """More supervision steps than trained: the cache gets the extra slots and stays exact, ACT included."""
     model = tiny_model(supervision_steps=2)
-    make_halting_mixed(model)
-    prompt = torch.randint(1, 61, (1, 5))
-    for halt_threshold in (None, 0.5):
-        kwargs = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, supervision_steps=4,
-                      halt_threshold=halt_threshold, pad_token_id=0)
-        cached = model.generate(prompt, use_cache=True, **kwargs)
-        uncached = model.generate(prompt, use_cache=False, **kwargs)
-        assert torch.equal(cached, uncached)
-    with torch.no_grad():
-        deeper = model(prompt, supervision_steps=4, use_cache=True)
-        trained = model(prompt, use_cache=True)
+    deeper, trained = assert_twice_the_trained_depth_is_cached_exactly(model)
     assert len(getattr(deeper, CACHE_FIELD).layers) == 2 * model.config.num_hidden_layers
     assert not torch.allclose(deeper.logits, trained.logits)
 

@@ -8,7 +8,8 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from tests.helpers import build_tiny_model
-from tests.trm_lm.test_modeling_trm import (assert_act_decoding_matches_the_full_sequence, cache_numel,
+from tests.trm_lm.test_modeling_trm import (assert_act_decoding_matches_the_full_sequence,
+                                            assert_twice_the_trained_depth_is_cached_exactly, cache_numel,
                                             make_halting_mixed, tiny_model)
 from tests.trm_lm.test_serving import drain
 from trm_lm import TRMConfig
@@ -123,15 +124,7 @@ def test_act_in_a_batch_and_a_static_cache_give_each_row_its_own_tokens():
 
 def test_test_time_depth_needs_no_extra_slots_and_stays_exact():
     model = first_step_model(supervision_steps=2)
-    make_halting_mixed(model)
-    prompt = torch.randint(1, 61, (1, 5))
-    for halt_threshold in (None, 0.5):
-        kwargs = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, supervision_steps=4,
-                      halt_threshold=halt_threshold, pad_token_id=0)
-        assert torch.equal(model.generate(prompt, use_cache=True, **kwargs),
-                           model.generate(prompt, use_cache=False, **kwargs))
-    with torch.no_grad():
-        deeper = model(prompt, supervision_steps=4, use_cache=True)
+    deeper, _ = assert_twice_the_trained_depth_is_cached_exactly(model)
     assert len(getattr(deeper, CACHE_FIELD).layers) == model.config.num_hidden_layers
 
 
