@@ -262,7 +262,7 @@ class RecursionCache:
         q, k, v: (rows, nh, T, hd) of this layer; mask as SelfAttention gets it. Returns (rows, nh, T, hd)."""
         context_k, context_v = self.context(layer_idx)
         queries = q.shape[2]
-        full_mask = self.attention_mask(mask, layer_idx, queries, context_k.shape[2] + queries)
+        full_mask = self.context_attention_mask(mask, queries, context_k.shape[2])
         if queries > 1:
             return F.scaled_dot_product_attention(q, torch.cat([context_k, k], dim=2), torch.cat([context_v, v], dim=2),
                                                   attn_mask=full_mask)
@@ -274,18 +274,15 @@ class RecursionCache:
         weights = torch.softmax(torch.cat([context_scores, own_score], dim=-1).float(), dim=-1).to(q.dtype)
         return weights[..., :-1] @ context_v + weights[..., -1:] * v
 
-    def attention_mask(self, mask, layer_idx: int, queries: int, keys: int):
+    def context_attention_mask(self, mask, queries: int, context: int):
         """The mask of a later step with first-step context over (context keys, the chunk's own keys): the
-        context masked as the first step's, each query's own key only for itself (`mask` itself elsewhere).
+        context masked as the first step's, each query's own key only for itself. Built once per forward pass.
 
         mask: None (upper-left causal for several queries, everything for one; see SelfAttention) or bool
         (B or 1, 1, T, context keys). Returns bool (B or 1, 1, T, context keys + T)."""
-        if not self.reads_context(layer_idx):
-            return mask
         source, built = self._masks
         if built is not None and source is mask:
             return built
-        context = keys - queries
         if mask is None:
             device = self.cache.layers[0].keys.device
             allowed = torch.ones(queries, context, dtype=torch.bool, device=device)

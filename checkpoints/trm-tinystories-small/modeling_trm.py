@@ -198,8 +198,9 @@ def attention_weights(attention: SelfAttention, hidden, rotary, attention_mask, 
     T = hidden.shape[1]
     q, k, _ = attention.project(hidden, rotary)
     if isinstance(cache, RecursionCache) and cache.reads_context(layer_idx):
-        k = torch.cat([cache.context(layer_idx)[0], k], dim=2)  # the context, then its own
-        attention_mask = cache.attention_mask(attention_mask, layer_idx, T, k.shape[2])
+        context_keys = cache.context(layer_idx)[0]
+        attention_mask = cache.context_attention_mask(attention_mask, T, context_keys.shape[2])
+        k = torch.cat([context_keys, k], dim=2)  # the context, then its own
     elif cache is not None:  # after this call's update: past + this chunk (copied-forward included)
         k = cache.layers[cache.slot(layer_idx) if isinstance(cache, RecursionCache) else layer_idx].keys
     scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(attention.head_dim)  # (B, nh, T, K)
